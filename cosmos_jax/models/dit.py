@@ -1,0 +1,292 @@
+"""The multiview control DiT of Cosmos-Transfer2.5 auto/multiview (reference: `MultiViewControlDiT`).
+
+Forward (reference `MultiViewControlDiT.forward`):
+  1. x (16 ch) + condition mask + padding mask (nearest-resized) + view embedding  -> patchify -> x_embedder
+     control latent zero-padded to (16+7)*8 ch + the same three extras            -> patchify -> control_embedder
+     -> input_hint_block (7 x Linear+SiLU)
+  2. text context -> crossattn_proj (Linear + GELU); timesteps * 0.001 -> sinusoid -> RMSNorm / adaLN-LoRA
+  3. control branch: c = before_proj(hint_input) + x_embedded; each control block runs on c and emits a hint
+  4. base blocks; block k in `control_layers` adds hint[mapping[k]] * control_weight after itself
+  5. final adaLN layer -> unpatchify (channel last in the patch vector)
+Blocks are stacked and run with `nn.scan` (parameters carry a leading layer axis) under a named remat policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from cosmos_jax.models import rope as rope_lib
+from cosmos_jax.models.blocks import X_AXES, AdaLNModulation, DiTBlock, RMSNorm, dense, layer_norm
+from cosmos_jax.models.dit_config import DiTConfig
+from cosmos_jax.parallel.mesh import constrain
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation checkpointing policies (chosen by name in the config)
+# ----------------------------------------------------------------------------------------------------------------
+def _is_attention_forward(prim, *_, **__) -> bool:
+    # The cuDNN flash-attention forward primitive; saving its outputs (incl. the softmax statistics) lets the
+    # backward pass skip recomputing attention, as the reference's "aggressive" SAC policy saves flash-attn outputs.
+    name = getattr(prim, "name", "")
+    return "dot_product_attention" in name and "bwd" not in name
+
+
+def remat_policy(name: str):
+    """None = no rematerialisation; otherwise a `jax.checkpoint` policy."""
+    cp = jax.checkpoint_policies
+    attention = cp.save_from_both_policies(cp.save_only_these_names("self_attn_out", "cross_attn_out"),
+                                           _is_attention_forward)
+    policies = {
+        "none": None,
+        "full": cp.nothing_saveable,
+        # reference predict2_2b_720_aggressive: keep attention outputs, recompute everything else
+        "save_attention": attention,
+        "save_dots": cp.dots_with_no_batch_dims_saveable,
+        "save_attention_and_dots": cp.save_from_both_policies(attention, cp.dots_with_no_batch_dims_saveable),
+    }
+    if name not in policies:
+        raise ValueError(f"unknown remat policy {name!r}; choose from {sorted(policies)}")
+    return policies[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stacked layers
+# ----------------------------------------------------------------------------------------------------------------
+class _BaseLayer(nn.Module):
+    """One base block (`MultiViewControlAwareDiTBlock`), adding its control hint after itself when it has one."""
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x, layer_hint, hints, control_weight, emb, adaln_lora, context, rope_cos, rope_sin):
+        x = DiTBlock(self.cfg, name="block")(x, emb, adaln_lora, context, rope_cos, rope_sin)
+        if hints is not None:
+            hint_index, hint_gate = layer_hint
+            hint = jax.lax.dynamic_index_in_dim(hints, hint_index, axis=0, keepdims=False)
+            x = x + (hint_gate * control_weight).astype(x.dtype) * hint
+        self.sow("intermediates", "out_B_T_S_D", x)
+        return x, None
+
+
+class _ControlLayer(nn.Module):
+    """One control block (`MultiViewControlEncoderDiTBlock`): runs on the control state, emits a hint."""
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, c, _, emb, adaln_lora, context, rope_cos, rope_sin):
+        c, hint = DiTBlock(self.cfg, with_after_proj=True, name="block")(c, emb, adaln_lora, context, rope_cos,
+                                                                         rope_sin)
+        return c, hint
+
+
+def _stack(layer_cls, cfg: DiTConfig, length: int, n_broadcast: int, name: str):
+    policy = remat_policy(cfg.remat_policy)
+    if cfg.remat_policy != "none":
+        layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                      in_axes=(0,) + (nn.broadcast,) * n_broadcast, length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input preparation
+# ----------------------------------------------------------------------------------------------------------------
+def nearest_resize_indices(n_in: int, n_out: int) -> np.ndarray:
+    """torch `interpolate(mode='nearest')` source indices: floor(dst * (in/out)) in fp32, clamped."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def patchify(x_B_C_T_H_W, p: int, r: int):
+    """einops 'b c (t r) (h m) (w n) -> b t h w (c r m n)'; returns [B, T', H'*W', C*r*m*n] and (T', H', W')."""
+    b, c, t, h, w = x_B_C_T_H_W.shape
+    if t % r or h % p or w % p:
+        raise ValueError(f"latent T,H,W = {(t, h, w)} must be divisible by the patch sizes {(r, p, p)}")
+    x = x_B_C_T_H_W.reshape(b, c, t // r, r, h // p, p, w // p, p)
+    x = x.transpose(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, t // r, (h // p) * (w // p), c * r * p * p), (t // r, h // p, w // p)
+
+
+def unpatchify(x_B_T_S_O, grid, p: int, r: int, c: int):
+    """einops 'B T H W (p1 p2 t C) -> B C (T t) (H p1) (W p2)'."""
+    b = x_B_T_S_O.shape[0]
+    t, h, w = grid
+    x = x_B_T_S_O.reshape(b, t, h, w, p, p, r, c)
+    x = x.transpose(0, 7, 1, 6, 2, 4, 3, 5)
+    return x.reshape(b, c, t * r, h * p, w * p)
+
+
+def timestep_sinusoid(timesteps_B_T, dim: int):
+    """Reference `Timesteps`: [cos | sin] of t * exp(-ln(10000) * i / (dim/2)), fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    arg = timesteps_B_T.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+
+
+class MultiViewControlDiT(nn.Module):
+    cfg: DiTConfig
+
+    def _extras(self, x_B_C_T_H_W, cond_mask, padding_mask, view_indices_B_T, n_views):
+        """Channels appended to x and to the control input: condition mask, resized padding mask, view embedding."""
+        cfg = self.cfg
+        b, _, t, h, w = x_B_C_T_H_W.shape
+        dtype = x_B_C_T_H_W.dtype
+        cond = jnp.zeros((b, 1, t, h, w), dtype) if cond_mask is None else cond_mask.astype(dtype)
+        if padding_mask is None:
+            pad = jnp.zeros((b, 1, t, h, w), dtype)
+        else:
+            if padding_mask.ndim == 3:
+                padding_mask = padding_mask[:, None]
+            ih = nearest_resize_indices(padding_mask.shape[-2], h)
+            iw = nearest_resize_indices(padding_mask.shape[-1], w)
+            pm = padding_mask[:, :1][:, :, ih][:, :, :, iw].astype(dtype)
+            pad = jnp.broadcast_to(pm[:, :, None], (b, 1, t, h, w))
+        if view_indices_B_T is None:  # reference default: view v of the sample gets camera id v
+            view_indices_B_T = jnp.repeat(jnp.arange(n_views), t // n_views)[None].repeat(b, axis=0)
+        view_ids = jnp.minimum(view_indices_B_T.astype(jnp.int32), cfg.n_cameras_emb - 1)
+        table = self.param("view_embeddings", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                           ("views", "norm")),
+                           (cfg.n_cameras_emb, cfg.view_condition_dim), cfg.param_dtype)
+        view = jnp.take(table, view_ids, axis=0).astype(dtype)  # [B, T, Dv]
+        view = jnp.broadcast_to(view.transpose(0, 2, 1)[..., None, None], (b, cfg.view_condition_dim, t, h, w))
+        return [cond, pad, view]
+
+    @nn.compact
+    def __call__(self, x_B_C_T_H_W, timesteps_B_T, crossattn_emb, latent_control_input=None, control_weight=1.0,
+                 condition_video_input_mask_B_C_T_H_W=None, padding_mask=None, view_indices_B_T=None, fps=None):
+        """Velocity prediction [B, C, V*T, H, W].
+
+        x_B_C_T_H_W: noisy latent, frames view-major (index v*T + t). timesteps_B_T: [B, V*T], [B, 1] or [B] in
+        [0, 1000]. crossattn_emb: [B, V_text*512, C_text]. latent_control_input: control latent like x, or None for
+        the base network alone (the reference always runs the control branch; control_weight 0 gives the same
+        output). control_weight: scalar (may be traced). padding_mask: [B, 1, H_pix, W_pix]. fps: unused (the
+        model's RoPE has no fps modulation).
+        """
+        del fps
+        cfg = self.cfg
+        b, c_in, t_total, h, w = x_B_C_T_H_W.shape
+        if c_in != cfg.in_channels:
+            raise ValueError(f"x_B_C_T_H_W has {c_in} channels, the net expects {cfg.in_channels}")
+        if t_total % cfg.state_t:
+            raise ValueError(f"{t_total} latent frames is not a whole number of views of state_t={cfg.state_t} frames")
+        n_views = t_total // cfg.state_t
+        if timesteps_B_T.ndim == 1:
+            timesteps_B_T = timesteps_B_T[:, None]
+        if timesteps_B_T.shape[1] not in (1, t_total):
+            raise ValueError(f"timesteps_B_T must have 1 or {t_total} (V*T) entries per sample, "
+                             f"got shape {timesteps_B_T.shape}")
+        cond_mask = condition_video_input_mask_B_C_T_H_W
+
+        # 1. patch embeddings -------------------------------------------------------------------------------
+        extras = self._extras(x_B_C_T_H_W, cond_mask, padding_mask, view_indices_B_T, n_views)
+        x_tokens, grid = patchify(jnp.concatenate([x_B_C_T_H_W] + extras, axis=1), cfg.patch_spatial,
+                                  cfg.patch_temporal)
+        x = dense(cfg.model_channels, ("patch_in", "embed_out"), fan_in=x_tokens.shape[-1], dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, name="x_embedder")(x_tokens)
+        x = constrain(x, X_AXES)
+        self.sow("intermediates", "x_embedder_out_B_T_S_D", x)
+        t_tok, h_tok, w_tok = grid
+
+        # 2. conditioning -----------------------------------------------------------------------------------
+        context = dense(cfg.crossattn_emb_channels, ("text_in", "kv_embed"), fan_in=cfg.crossattn_proj_in_channels,
+                        use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        name="crossattn_proj")(crossattn_emb)
+        context = nn.gelu(context, approximate=False)
+        self.sow("intermediates", "crossattn_proj_out_B_N_D", context)
+
+        sinusoid = timestep_sinusoid(timesteps_B_T * cfg.timestep_scale, cfg.model_channels)  # fp32
+        t_hidden = nn.silu(dense(cfg.model_channels, ("embed", "embed_out"), fan_in=cfg.model_channels,
+                                 name="t_embedder_linear_1")(sinusoid))
+        adaln_lora = dense(3 * cfg.model_channels, ("embed", "modulation"), fan_in=cfg.model_channels,
+                           name="t_embedder_linear_2")(t_hidden)
+        emb = RMSNorm(param_dtype=cfg.param_dtype, name="t_embedding_norm")(sinusoid)
+        self.sow("intermediates", "t_embedder_out_0", sinusoid)
+        self.sow("intermediates", "t_embedder_out_1", adaln_lora)
+        self.sow("intermediates", "t_embedding_norm_out_B_T_D", emb)
+
+        angles = constrain(rope_lib.rope_angles(cfg, n_views, t_tok // n_views, h_tok, w_tok),
+                           ("activation_length", None))
+        rope_cos, rope_sin = jnp.cos(angles), jnp.sin(angles)
+        control_weight = jnp.asarray(control_weight, jnp.float32)
+        block_args = (emb, adaln_lora, context, rope_cos, rope_sin)
+
+        # 3. control branch ---------------------------------------------------------------------------------
+        hints = None
+        if latent_control_input is not None:
+            if latent_control_input.shape[0] != b or latent_control_input.shape[2:] != x_B_C_T_H_W.shape[2:]:
+                raise ValueError(f"latent_control_input shape {latent_control_input.shape} does not match x "
+                                 f"{x_B_C_T_H_W.shape} (batch, frames, H, W)")
+            n_ctrl = latent_control_input.shape[1]
+            if n_ctrl > cfg.control_padded_channels:
+                raise ValueError(f"control input has {n_ctrl} channels, more than {cfg.control_padded_channels}")
+            ctrl = latent_control_input.astype(x_B_C_T_H_W.dtype)
+            ctrl = jnp.pad(ctrl, ((0, 0), (0, cfg.control_padded_channels - n_ctrl), (0, 0), (0, 0), (0, 0)))
+            ctrl_tokens, _ = patchify(jnp.concatenate([ctrl] + extras, axis=1), cfg.patch_spatial,
+                                      cfg.patch_temporal)
+            c = dense(cfg.model_channels, ("patch_in", "embed_out"), fan_in=ctrl_tokens.shape[-1], dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name="control_embedder")(ctrl_tokens)
+            c = constrain(c, X_AXES)
+            self.sow("intermediates", "control_embedder_out_B_T_S_D", c)
+            if cfg.use_input_hint_block:
+                for i in range(cfg.hint_layers):
+                    c = nn.silu(dense(cfg.model_channels, ("embed", "embed_out"), fan_in=cfg.model_channels,
+                                      use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                      name=f"input_hint_block_{i}")(c))
+                self.sow("intermediates", "input_hint_block_out_B_T_S_D", c)
+            c = dense(cfg.model_channels, ("embed", "embed_out"), fan_in=cfg.model_channels, use_bias=True,
+                      zero_init=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="control_before_proj")(c)
+            c = constrain(c + x, X_AXES)
+            control_stack = _stack(_ControlLayer, cfg, cfg.num_control_blocks, 5, "control_blocks")
+            _, hints = control_stack(c, None, *block_args)  # hints [G, B, T, S, D]
+
+        # 4. base blocks ------------------------------------------------------------------------------------
+        mapping = {layer: i for i, layer in enumerate(cfg.control_layers)}
+        hint_index = jnp.asarray([mapping.get(k, 0) for k in range(cfg.num_blocks)], jnp.int32)
+        hint_gate = jnp.asarray([1.0 if k in mapping else 0.0 for k in range(cfg.num_blocks)], jnp.float32)
+        base_stack = _stack(_BaseLayer, cfg, cfg.num_blocks, 7, "blocks")
+        x, _ = base_stack(x, (hint_index, hint_gate), hints, control_weight, *block_args)
+
+        # 5. final layer ------------------------------------------------------------------------------------
+        shift, scale = AdaLNModulation(cfg, n_chunks=2, name="final_adaln_modulation")(emb, adaln_lora)
+        y = layer_norm(x) * (1.0 + scale[:, :, None, :]) + shift[:, :, None, :]
+        y = dense(cfg.patch_dim_out, ("embed", "patch_out"), fan_in=cfg.model_channels, name="final_linear",
+                  param_dtype=cfg.param_dtype)(y)  # fp32, as the reference's final layer under wan fp32 autocast
+        self.sow("intermediates", "final_layer_out_B_T_S_O", y)
+        return unpatchify(y, grid, cfg.patch_spatial, cfg.patch_temporal, cfg.out_channels)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def example_inputs(cfg: DiTConfig, *, batch: int = 1, n_views: int = 1, height: int | None = None,
+                   width: int | None = None, dtype=jnp.float32) -> dict:
+    """Zero inputs of the right shapes (for init / eval_shape); H, W default to one 2x2-token latent frame grid."""
+    t = n_views * cfg.state_t
+    h = height or 2 * cfg.patch_spatial
+    w = width or 2 * cfg.patch_spatial
+    return dict(
+        x_B_C_T_H_W=jnp.zeros((batch, cfg.in_channels, t, h, w), dtype),
+        timesteps_B_T=jnp.zeros((batch, t), jnp.float32),
+        crossattn_emb=jnp.zeros((batch, n_views * cfg.crossattn_tokens_per_view, cfg.crossattn_proj_in_channels),
+                                dtype),
+        latent_control_input=jnp.zeros((batch, cfg.in_channels, t, h, w), dtype),
+        condition_video_input_mask_B_C_T_H_W=jnp.zeros((batch, 1, t, h, w), dtype),
+        padding_mask=jnp.zeros((batch, 1, 8 * h, 8 * w), dtype),
+        view_indices_B_T=jnp.zeros((batch, t), jnp.int32),
+    )
+
+
+def init_boxed_params(cfg: DiTConfig, rng) -> dict:
+    """Freshly initialised parameters, still boxed with their logical axis names (for sharding)."""
+    return MultiViewControlDiT(cfg).init(rng, **example_inputs(cfg))["params"]
+
+
+def abstract_params(cfg: DiTConfig):
+    """ShapeDtypeStructs of the (unboxed) parameter tree, without allocating anything."""
+    return nn.unbox(jax.eval_shape(lambda: init_boxed_params(cfg, jax.random.key(0))))
