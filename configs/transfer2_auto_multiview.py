@@ -1,0 +1,58 @@
+"""Cosmos-Transfer2.5 auto/multiview (HDMap control) configs.
+
+    python -m cosmos_jax.forward --config configs/transfer2_auto_multiview.py:tiny
+    python -m cosmos_jax.forward --config configs/transfer2_auto_multiview.py:post_train_example \
+        --config.model.weights=/ckpts/4ecc66e9-..._ema_bf16.pt
+
+Variants:
+  tiny                 the parity-fixture sizes (64 wide, 4 blocks, 2 control blocks); CPU, fp32, seconds
+  post_train_example   the real 2B net (28 blocks + 4 control blocks), bf16 compute, cuDNN attention,
+                       7 views x 8 latent frames x 90x160 latent (720p)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _model(**kw) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    # architecture: reference MultiViewControlDiT kwargs (see cosmos_jax/models/dit_config.py)
+    m.model_channels = 2048
+    m.num_blocks = 28
+    m.num_heads = 16
+    m.adaln_lora_dim = 256
+    m.vace_block_every_n = 7
+    m.state_t = 8
+    m.crossattn_proj_in_channels = 100352
+    m.crossattn_emb_channels = 1024
+    # execution
+    m.dtype = "bfloat16"               # compute dtype of the blocks (params stay fp32)
+    m.attention_backend = "cudnn"      # "cudnn" (GPU) | "xla" (any device)
+    m.remat_policy = "save_attention"  # none | full | save_attention | save_dots | save_attention_and_dots
+    m.weights = ""                     # reference .pt / .safetensors to load ("" = random init)
+    m.update(kw)
+    return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "tiny"
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0
+    # mesh: data x fsdp x context x tensor; -1 fills the remaining devices
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
+    # sample shape for the forward demo / benchmarks
+    c.shape = ml_collections.ConfigDict(dict(batch=1, views=7, height=90, width=160))
+    if variant == "tiny":
+        c.model = _model(model_channels=64, num_blocks=4, num_heads=4, adaln_lora_dim=16, vace_block_every_n=2,
+                         state_t=2, crossattn_proj_in_channels=48, crossattn_emb_channels=32, dtype="float32",
+                         attention_backend="xla", remat_policy="none")
+        c.shape.update(dict(views=3, height=8, width=12))
+    elif variant == "post_train_example":
+        c.model = _model()
+        c.mesh.update(dict(fsdp=1, context=-1))  # all GPUs in one context-parallel group, as the reference
+    else:
+        raise ValueError(f"unknown config variant {variant!r}; choose tiny or post_train_example")
+    c.lock()
+    return c

@@ -1,0 +1,30 @@
+"""Test setup: 8 fake CPU devices (context-parallel / FSDP tests) and the shared parity fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> pathlib.Path:
+    """`shared/` lies beside the checkout (CI and developer machines); COSMOS_JAX_SHARED overrides."""
+    path = pathlib.Path(os.environ.get("COSMOS_JAX_SHARED", REPO.parent / "shared"))
+    if not (path / "parity").is_dir():
+        raise RuntimeError(f"parity fixtures not found under {path}; set COSMOS_JAX_SHARED to the shared/ folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dit_parity() -> pathlib.Path:
+    return shared_dir() / "parity" / "dit_control"
+
+
+@pytest.fixture(scope="session")
+def case_a(dit_parity) -> pathlib.Path:
+    return dit_parity / "caseA"

@@ -1,0 +1,35 @@
+"""Run a reference parity case through the JAX port and write its output.
+
+    python tools/parity.py dit --case ../shared/parity/dit_control/caseA --out /tmp/out.npz
+    python tools/parity.py dit --case DIR --weights DIR/../dcp/converted/model_ema_fp32.pt --out OUT.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from cosmos_jax import parity  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    dit = sub.add_parser("dit", help="multiview control DiT forward (fp32)")
+    dit.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
+    dit.add_argument("--out", required=True, help="output .npz (key out_B_C_T_H_W)")
+    dit.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
+    dit.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    args = ap.parse_args(argv)
+    out = parity.run_dit_case(args.case, weights=args.weights, inputs=args.inputs)
+    np.savez(args.out, out_B_C_T_H_W=out)
+    print(f"wrote {args.out}: out_B_C_T_H_W {out.shape} mean {out.mean():.6f} std {out.std():.6f}")
+
+
+if __name__ == "__main__":
+    main()
