@@ -152,8 +152,9 @@ class DiTConfig:
         """Build from the reference constructor kwargs (e.g. `case.json` -> `constructor_kwargs_tiny`)."""
         kwargs = dict(kwargs)
         for name, want in _FIXED_REFERENCE_OPTIONS.items():
-            if name in kwargs and kwargs.pop(name) != want:
-                raise NotImplementedError(f"reference option {name}={kwargs.get(name)!r} is not supported "
+            got = kwargs.pop(name, want)
+            if got != want:
+                raise NotImplementedError(f"reference option {name}={got!r} is not supported "
                                           f"(only {want!r} is implemented)")
         for name in _EXECUTION_ONLY_OPTIONS:
             kwargs.pop(name, None)

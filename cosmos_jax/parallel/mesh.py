@@ -33,8 +33,8 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("embed_out", "tensor"),                  # model width D on the output side of a D x D weight
     ("mlp", "tensor"),                        # MLP hidden 4D
     ("heads", "tensor"),                      # attention inner dim (heads * head_dim)
-    ("kv_embed", None),                       # cross-attention context width
-    ("modulation", None),                     # adaLN 3D / 2D outputs
+    ("kv_embed", ("fsdp", "context")),        # cross-attention context width
+    ("modulation", ("fsdp", "context")),      # adaLN 3D / 2D outputs
     ("lora", None),                           # adaLN-LoRA rank
     ("patch_in", None),                       # patchified input channels
     ("patch_out", None),                      # final layer output channels
@@ -106,8 +106,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules=None) -> P:
 
 
 def _fit_spec(spec: P, shape, mesh) -> P:
-    """Drop mesh axes that do not divide a dimension, so a constraint never forces padding."""
-    out = []
+    """Drop mesh axes that do not divide a dimension (so a constraint never forces padding) or that an earlier
+    dimension already uses (a weight whose two sides map to the same mesh axes shards only the first)."""
+    out, used = [], set()
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         if axes is None:
             out.append(None)
@@ -116,8 +117,9 @@ def _fit_spec(spec: P, shape, mesh) -> P:
         kept = []
         size = 1
         for a in axes_t:
-            if a in mesh.axis_names and dim % (size * mesh.shape[a]) == 0:
+            if a in mesh.axis_names and a not in used and dim % (size * mesh.shape[a]) == 0:
                 kept.append(a)
+                used.add(a)
                 size *= mesh.shape[a]
         out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
     return P(*out)

@@ -1,0 +1,107 @@
+"""Reference state dict <-> Flax params: exact round trip, prefixes, and clear errors for bad files."""
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cosmos_jax import parity
+from cosmos_jax.weights import keymap, torch_io
+
+
+@pytest.fixture(scope="module")
+def case(case_a):
+    cfg = parity.load_case_config(str(case_a))
+    sd = torch_io.load_state_dict(case_a / "weights.safetensors")
+    return cfg, sd
+
+
+def test_round_trip_reproduces_every_reference_tensor(case):
+    cfg, sd = case
+    params, cfg2, extras = keymap.reference_to_flax(sd, cfg)
+    back = keymap.flax_to_reference(params, cfg2, extras=extras)
+    assert set(back) == set(sd)
+    for key, val in sd.items():
+        assert back[key].dtype == val.dtype, key
+        np.testing.assert_array_equal(back[key], val, err_msg=key)
+
+
+def test_pt_with_net_prefix_and_extra_state(case, tmp_path):
+    import torch
+
+    cfg, sd = case
+    tsd = {f"net.{k}": torch.from_numpy(np.array(v)) for k, v in sd.items()}
+    tsd["net.blocks.0.self_attn.q_norm._extra_state"] = torch.empty(0, dtype=torch.uint8)
+    tsd["net_ema.x_embedder.proj.1.weight"] = torch.zeros(1)  # other prefix: must be ignored
+    path = tmp_path / "model.pt"
+    torch.save(tsd, path)
+    params, _, _ = keymap.reference_to_flax(torch_io.load_state_dict(path), cfg)
+    np.testing.assert_array_equal(params["x_embedder"]["kernel"], sd["x_embedder.proj.1.weight"].T)
+    np.testing.assert_array_equal(params["blocks"]["block"]["mlp"]["layer1"]["kernel"][3],
+                                  sd["blocks.3.mlp.layer1.weight"].T)
+
+
+def test_bf16_rope_buffers_are_recognised(case):
+    cfg, sd = case
+    big = dataclasses.replace(cfg, model_channels=cfg.num_heads * 128)  # head_dim 128: k/42 is not exact in bf16
+    spatial, temporal = keymap.rope_lib.rope_ranges(big)
+    rounded = {f"pos_embedder_options.n_cameras_{n}.{name}": arr.astype(ml_dtypes.bfloat16)
+               for n in range(1, 8)
+               for name, arr in (("dim_spatial_range", spatial), ("dim_temporal_range", temporal),
+                                 ("seq", np.arange(big.rope_max_len, dtype=np.float32)))}
+    assert keymap._check_rope_buffers(big, rounded, "x") is True
+    exact = {k: v.astype(np.float32) if "seq" in k else v for k, v in rounded.items()}
+    exact.update({f"pos_embedder_options.n_cameras_{n}.dim_spatial_range": spatial for n in range(1, 8)})
+    with pytest.raises(keymap.WeightsError, match="partly bf16-rounded"):
+        keymap._check_rope_buffers(big, exact, "x")
+
+
+@pytest.mark.parametrize("mutate,pattern", [
+    (lambda sd: sd.pop("blocks.2.mlp.layer2.weight"), r"missing 1 keys: \['blocks.2.mlp.layer2.weight'\]"),
+    (lambda sd: sd.__setitem__("blocks.9.mlp.layer2.weight", np.zeros((4, 4))), "unexpected 1 keys"),
+    (lambda sd: sd.__setitem__("view_embeddings.weight", np.zeros((6, 7), np.float32)),
+     r"view_embeddings.weight: checkpoint \(6, 7\) vs network \(7, 7\)"),
+    (lambda sd: sd.__setitem__("pos_embedder_options.n_cameras_2.dim_spatial_range", np.ones(2, np.float32)),
+     "RoPE buffer pos_embedder_options.n_cameras_2.dim_spatial_range"),
+])
+def test_bad_state_dicts_name_the_problem(case, mutate, pattern):
+    cfg, sd = case
+    sd = dict(sd)
+    mutate(sd)
+    with pytest.raises(keymap.WeightsError, match=pattern):
+        keymap.reference_to_flax(sd, cfg, source="ckpt.pt")
+
+
+def test_wrong_architecture_lists_all_differences(case):
+    cfg, sd = case
+    with pytest.raises(keymap.WeightsError) as err:
+        keymap.reference_to_flax(sd, dataclasses.replace(cfg, num_blocks=6), source="ckpt.pt")
+    # 2 extra base blocks x 20 tensors + 1 extra control block x 22 tensors, all counted
+    assert "missing 62 keys" in str(err.value) and "blocks.4." in str(err.value) and "ckpt.pt" in str(err.value)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(torch_io.WeightFileError, match="no such weight file"):
+        torch_io.load_state_dict(tmp_path / "absent.pt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(torch_io.WeightFileError, match="bad.safetensors"):
+        torch_io.load_state_dict(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(torch_io.WeightFileError, match="junk.pt"):
+        torch_io.load_state_dict(junk)
+    other = tmp_path / "w.bin"
+    other.write_bytes(b"")
+    with pytest.raises(torch_io.WeightFileError, match="unknown weight file type"):
+        torch_io.load_state_dict(other)
+
+
+def test_pt_that_is_not_a_state_dict(tmp_path):
+    import torch
+
+    path = tmp_path / "nested.pt"
+    torch.save({"model": {"a": torch.zeros(1)}, "step": 3}, path)
+    with pytest.raises(torch_io.WeightFileError, match="not tensors"):
+        torch_io.load_state_dict(path)
