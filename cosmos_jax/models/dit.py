@@ -156,6 +156,17 @@ class MultiViewControlDiT(nn.Module):
         view = jnp.broadcast_to(view.transpose(0, 2, 1)[..., None, None], (b, cfg.view_condition_dim, t, h, w))
         return [cond, pad, view]
 
+    def _patch_embed(self, video_B_C_T_H_W, extras, name: str):
+        """Append the extra channels, patchify, project to model width (reference `PatchEmbed`)."""
+        cfg = self.cfg
+        tokens, grid = patchify(jnp.concatenate([video_B_C_T_H_W] + extras, axis=1), cfg.patch_spatial,
+                                cfg.patch_temporal)
+        out = dense(cfg.model_channels, ("patch_in", "embed_out"), fan_in=tokens.shape[-1], dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name=name)(tokens)
+        out = constrain(out, X_AXES)
+        self.sow("intermediates", f"{name}_out_B_T_S_D", out)
+        return out, grid
+
     @nn.compact
     def __call__(self, x_B_C_T_H_W, timesteps_B_T, crossattn_emb, latent_control_input=None, control_weight=1.0,
                  condition_video_input_mask_B_C_T_H_W=None, padding_mask=None, view_indices_B_T=None, fps=None):
@@ -184,12 +195,7 @@ class MultiViewControlDiT(nn.Module):
 
         # 1. patch embeddings -------------------------------------------------------------------------------
         extras = self._extras(x_B_C_T_H_W, cond_mask, padding_mask, view_indices_B_T, n_views)
-        x_tokens, grid = patchify(jnp.concatenate([x_B_C_T_H_W] + extras, axis=1), cfg.patch_spatial,
-                                  cfg.patch_temporal)
-        x = dense(cfg.model_channels, ("patch_in", "embed_out"), fan_in=x_tokens.shape[-1], dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, name="x_embedder")(x_tokens)
-        x = constrain(x, X_AXES)
-        self.sow("intermediates", "x_embedder_out_B_T_S_D", x)
+        x, grid = self._patch_embed(x_B_C_T_H_W, extras, "x_embedder")
         t_tok, h_tok, w_tok = grid
 
         # 2. conditioning -----------------------------------------------------------------------------------
@@ -226,12 +232,7 @@ class MultiViewControlDiT(nn.Module):
                 raise ValueError(f"control input has {n_ctrl} channels, more than {cfg.control_padded_channels}")
             ctrl = latent_control_input.astype(x_B_C_T_H_W.dtype)
             ctrl = jnp.pad(ctrl, ((0, 0), (0, cfg.control_padded_channels - n_ctrl), (0, 0), (0, 0), (0, 0)))
-            ctrl_tokens, _ = patchify(jnp.concatenate([ctrl] + extras, axis=1), cfg.patch_spatial,
-                                      cfg.patch_temporal)
-            c = dense(cfg.model_channels, ("patch_in", "embed_out"), fan_in=ctrl_tokens.shape[-1], dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, name="control_embedder")(ctrl_tokens)
-            c = constrain(c, X_AXES)
-            self.sow("intermediates", "control_embedder_out_B_T_S_D", c)
+            c, _ = self._patch_embed(ctrl, extras, "control_embedder")
             if cfg.use_input_hint_block:
                 for i in range(cfg.hint_layers):
                     c = nn.silu(dense(cfg.model_channels, ("embed", "embed_out"), fan_in=cfg.model_channels,
