@@ -83,11 +83,7 @@ def model_flops(cfg: DiTConfig, n_views: int, t: int, h: int, w: int) -> dict:
 
 def net_step(cfg, n_views, t, h, w):
     """jit'd fwd+bwd (grads of all parameters) of the net on random inputs; returns (fn, args)."""
-    inputs = dit_lib.example_inputs(cfg, n_views=n_views, height=h, width=w, dtype=jnp.bfloat16)
-    key = jax.random.key(2)
-    inputs = {k: (jax.random.normal(key, v.shape, v.dtype) if v.dtype == jnp.bfloat16 else v)
-              for k, v in inputs.items()}
-    inputs["timesteps_B_T"] = jnp.full(inputs["timesteps_B_T"].shape, 500.0)
+    inputs = dit_lib.random_inputs(cfg, jax.random.key(2), n_views=n_views, height=h, width=w, dtype=jnp.bfloat16)
     model = dit_lib.MultiViewControlDiT(cfg)
     params = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(0))))()
 

@@ -34,11 +34,8 @@ def main():
     cfg32 = DiTConfig.real_2b(model_channels=256, num_heads=2, num_blocks=4, vace_block_every_n=2, adaln_lora_dim=32,
                               crossattn_proj_in_channels=96, crossattn_emb_channels=64, state_t=4,
                               dtype=jnp.float32, attention_backend="xla")
-    inputs = dit_lib.example_inputs(cfg32, n_views=2, height=30, width=40)
-    keys = iter(jax.random.split(jax.random.key(3), 16))
-    inputs = {k: (jax.random.normal(next(keys), v.shape) if v.dtype == jnp.float32 else v) for k, v in inputs.items()}
-    inputs["timesteps_B_T"] = jax.random.uniform(next(keys), inputs["timesteps_B_T"].shape) * 1000
-    inputs["view_indices_B_T"] = jnp.repeat(jnp.array([0, 3]), cfg32.state_t)[None]
+    inputs = dit_lib.random_inputs(cfg32, jax.random.key(3), n_views=2, height=30, width=40)
+    inputs["view_indices_B_T"] = jnp.repeat(jnp.array([0, 3]), cfg32.state_t)[None]  # non-consecutive camera ids
     params = nn.unbox(dit_lib.init_boxed_params(cfg32, jax.random.key(0)))
     # make zero-initialised tensors non-zero so every path matters
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(p.size), p.shape), params)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from ml_collections import config_flags
@@ -28,12 +27,8 @@ def run(config) -> np.ndarray:
     with jax.set_mesh(mesh):
         params, cfg = build.init_params(cfg, mesh, seed=config.seed, weights=config.model.weights)
         s = config.shape
-        inputs = dit_lib.example_inputs(cfg, batch=s.batch, n_views=s.views, height=s.height, width=s.width)
-        keys = iter(jax.random.split(jax.random.key(config.seed + 1), len(inputs)))
-        inputs = {k: (jax.random.normal(next(keys), v.shape, v.dtype) if v.dtype == jnp.float32 else v)
-                  for k, v in inputs.items()}
-        inputs["timesteps_B_T"] = jnp.full(inputs["timesteps_B_T"].shape, 500.0)
-        inputs["view_indices_B_T"] = jnp.repeat(jnp.arange(s.views), cfg.state_t)[None].repeat(s.batch, 0)
+        inputs = dit_lib.random_inputs(cfg, jax.random.key(config.seed + 1), batch=s.batch, n_views=s.views,
+                                       height=s.height, width=s.width)
         model = dit_lib.MultiViewControlDiT(cfg)
         fwd = jax.jit(lambda p, a: model.apply({"params": p}, **a))
         t0 = time.perf_counter()

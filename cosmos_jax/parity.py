@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cosmos_jax.models import dit as dit_lib
+from cosmos_jax.models import build, dit as dit_lib
 from cosmos_jax.models.dit_config import DiTConfig
-from cosmos_jax.weights import keymap, torch_io
 
 _INPUT_NAMES = ("x_B_C_T_H_W", "timesteps_B_T", "crossattn_emb", "latent_control_input",
                 "condition_video_input_mask_B_C_T_H_W", "padding_mask", "view_indices_B_T")
@@ -42,8 +41,7 @@ def load_case_inputs(inputs_path: str) -> dict:
 
 
 def load_case_params(case_dir: str, cfg: DiTConfig, weights: str | None = None):
-    path = weights or os.path.join(case_dir, "weights.safetensors")
-    params, cfg, _ = keymap.reference_to_flax(torch_io.load_state_dict(path), cfg, source=path)
+    params, cfg, _ = build.load_reference_params(weights or os.path.join(case_dir, "weights.safetensors"), cfg)
     return params, cfg
 
 

@@ -24,11 +24,7 @@ def _params_and_inputs(h: int, w: int, views: int):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    inputs = dit_lib.example_inputs(CFG, batch=2, n_views=views, height=h, width=w)
-    keys = iter(jax.random.split(jax.random.key(2), len(inputs)))
-    inputs = {k: (jax.random.normal(next(keys), v.shape) if v.dtype == jnp.float32 else v) for k, v in inputs.items()}
-    inputs["timesteps_B_T"] = jnp.abs(inputs["timesteps_B_T"]) * 300
-    inputs["view_indices_B_T"] = jnp.tile(jnp.repeat(jnp.arange(views), CFG.state_t), (2, 1))
+    inputs = dit_lib.random_inputs(CFG, jax.random.key(2), batch=2, n_views=views, height=h, width=w)
     return params, inputs
 
 

@@ -283,6 +283,17 @@ def example_inputs(cfg: DiTConfig, *, batch: int = 1, n_views: int = 1, height: 
     )
 
 
+def random_inputs(cfg: DiTConfig, key, *, batch: int = 1, n_views: int = 1, height: int | None = None,
+                  width: int | None = None, dtype=jnp.float32) -> dict:
+    """Random inputs of `example_inputs`' shapes: N(0,1) tensors, timesteps in [0, 1000), view v on view v's frames."""
+    inputs = example_inputs(cfg, batch=batch, n_views=n_views, height=height, width=width, dtype=dtype)
+    keys = iter(jax.random.split(key, len(inputs)))
+    out = {k: (jax.random.normal(next(keys), v.shape, v.dtype) if v.dtype == dtype else v) for k, v in inputs.items()}
+    out["timesteps_B_T"] = jax.random.uniform(next(keys), out["timesteps_B_T"].shape, jnp.float32, 0.0, 1000.0)
+    out["view_indices_B_T"] = jnp.tile(jnp.repeat(jnp.arange(n_views, dtype=jnp.int32), cfg.state_t), (batch, 1))
+    return out
+
+
 def init_boxed_params(cfg: DiTConfig, rng) -> dict:
     """Freshly initialised parameters, still boxed with their logical axis names (for sharding)."""
     return MultiViewControlDiT(cfg).init(rng, **example_inputs(cfg))["params"]
