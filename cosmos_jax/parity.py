@@ -57,3 +57,88 @@ def run_dit_case(case_dir: str, *, weights: str | None = None, inputs: str | Non
             out, state = model.apply({"params": params}, **args, mutable=["intermediates"])
             return np.asarray(out), jax.tree.map(np.asarray, state["intermediates"])
         return np.asarray(jax.jit(lambda p, a: model.apply({"params": p}, **a))(params, args))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan2.1 VAE cases (`shared/parity/wan_vae/*`: manifest.json, weights.safetensors, io.npz with x in NCTHW)
+
+
+def load_vae_case_config(case_dir: str, **overrides):
+    from cosmos_jax.models import wan_vae
+
+    path = os.path.join(case_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    if "model_config_effective" not in manifest:
+        raise KeyError(f"{path}: no 'model_config_effective' field")
+    overrides.setdefault("dtype", jnp.float32)
+    return wan_vae.WanVAEConfig.from_reference_kwargs(manifest["model_config_effective"], **overrides)
+
+
+def _ncthw_to_nthwc(a):
+    return np.moveaxis(np.asarray(a), 1, -1)
+
+
+def _nthwc_to_ncthw(a):
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def run_vae_case(case_dir: str, *, x: np.ndarray | None = None, **overrides) -> dict[str, np.ndarray]:
+    """fp32 encode then decode of a VAE case; returns mu_raw, logvar_raw, latent, recon in the reference NCTHW."""
+    from cosmos_jax.models import wan_vae
+    from cosmos_jax.weights import vae_keymap
+
+    cfg = load_vae_case_config(case_dir, **overrides)
+    params, cfg = vae_keymap.load_vae_params(os.path.join(case_dir, "weights.safetensors"), cfg)
+    io_path = os.path.join(case_dir, "io.npz")
+    if x is None:
+        data = np.load(io_path)
+        if "x" not in data.files:
+            raise KeyError(f"{io_path}: no 'x' array")
+        x = data["x"]
+    x = jnp.asarray(_ncthw_to_nthwc(x), jnp.float32)
+    mean, inv_std = wan_vae.latent_scale()
+    with jax.default_matmul_precision("highest"):
+        mu, logvar = jax.jit(wan_vae.encode_moments, static_argnums=2)(params, x, cfg)
+        latent = (mu - mean) * inv_std
+        recon = jax.jit(wan_vae.decode, static_argnums=2)(params, latent, cfg)
+    return {"mu_raw": _nthwc_to_ncthw(mu), "logvar_raw": _nthwc_to_ncthw(logvar),
+            "latent": _nthwc_to_ncthw(latent), "recon": _nthwc_to_ncthw(recon)}
+
+
+def vae_case_intermediates(case_dir: str, **overrides) -> dict[str, np.ndarray]:
+    """Whole-clip (unchunked) activations named like the case's `intermediates.npz` (NCTHW)."""
+    from cosmos_jax.models import wan_vae
+    from cosmos_jax.weights import vae_keymap
+
+    cfg = load_vae_case_config(case_dir, **overrides)
+    params, cfg = vae_keymap.load_vae_params(os.path.join(case_dir, "weights.safetensors"), cfg)
+    x = jnp.asarray(_ncthw_to_nthwc(np.load(os.path.join(case_dir, "io.npz"))["x"]), jnp.float32)
+    model = wan_vae.WanVAE(cfg)
+    mean, inv_std = wan_vae.latent_scale()
+    with jax.default_matmul_precision("highest"):
+        (mu, _, _), enc = model.apply({"params": params}, x, method=wan_vae.WanVAE.encode_chunk,
+                                      mutable=["intermediates"])
+        z = ((mu - mean) * inv_std) / inv_std + mean
+        _, dec = model.apply({"params": params}, z, method=wan_vae.WanVAE.decode_chunk, mutable=["intermediates"])
+    acts = {"dec_z_unnorm": z}
+    for tree in (enc["intermediates"], dec["intermediates"]):
+        for kp, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda a: isinstance(a, tuple))[0]:
+            acts[".".join(k.key for k in kp).removesuffix(".out")] = v[0]
+    return {name: _nthwc_to_ncthw(v) for name, v in acts.items()}
+
+
+def vae_intermediate_key(fixture_name: str) -> str:
+    """Fixture intermediate name (`enc_down5_resample3d`, `dec_mid1_attn`, ...) -> our module path."""
+    import re
+
+    fixed = {"enc_conv1": "encoder.conv1", "enc_head_out": "encoder.head", "dec_conv1": "decoder.conv1",
+             "vae_conv2_out": "conv2", "dec_z_unnorm": "dec_z_unnorm"}
+    if fixture_name in fixed:
+        return fixed[fixture_name]
+    m = re.match(r"(enc|dec)_(down|up|mid)(\d+)", fixture_name)
+    if not m:
+        raise KeyError(f"unknown VAE intermediate name {fixture_name!r}")
+    side = {"enc": "encoder", "dec": "decoder"}[m.group(1)]
+    group = {"down": "downsamples", "up": "upsamples", "mid": "middle"}[m.group(2)]
+    return f"{side}.{group}.{m.group(3)}"
