@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,27 +30,7 @@ from flax import linen as nn  # noqa: E402
 from cosmos_jax.models import dit as dit_lib  # noqa: E402
 from cosmos_jax.models.dit_config import DiTConfig  # noqa: E402
 from cosmos_jax.ops import attention as attn_ops  # noqa: E402
-
-
-def timeit(fn, *args, warmup=1, iters=3):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_rate(n=8192, chain=16):
-    """bf16 FLOP/s of `chain` dependent n^3 matmuls in one jit call (no per-call dispatch in the timing)."""
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16) / jnp.sqrt(n).astype(jnp.bfloat16)
-    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda i, x: x @ b, a))
-    t = timeit(f, a, b, warmup=2, iters=5)
-    return chain * 2 * n ** 3 / t
+from bench.common import matmul_rate, timeit  # noqa: E402
 
 
 def attention_alone(L, heads, head_dim):

@@ -1,0 +1,31 @@
+"""Timing helpers shared by the benchmarks: a median wall-clock timer and the in-run bf16 matmul baseline."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def timeit(fn, *args, warmup=1, iters=3):
+    """Median seconds of `fn(*args)` (blocked until ready) after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(n=8192, chain=16):
+    """bf16 FLOP/s of `chain` dependent n^3 matmuls in one jit call (no per-call dispatch in the timing)."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16) / jnp.sqrt(n).astype(jnp.bfloat16)
+    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda i, x: x @ b, a))
+    t = timeit(f, a, b, warmup=2, iters=5)
+    return chain * 2 * n ** 3 / t
