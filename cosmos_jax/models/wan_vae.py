@@ -34,7 +34,7 @@ _LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 CONV_IMPLS = ("conv3d", "fold2d")
-_FOLD_BYTES = 512 * 2 ** 20  # above this, fold2d stacks its time taps one output frame at a time (peak memory)
+FOLD2D_MAX_BYTES = 3 * 2 ** 29  # fold2d uses the 3-D conv when its stacked taps would exceed this (peak memory)
 
 
 def latent_scale() -> tuple[np.ndarray, np.ndarray]:
@@ -129,38 +129,25 @@ def _conv(x: Array, kernel: Array, *, strides, padding, impl: str) -> Array:
         return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     kt = kernel.shape[0]
     st = strides[0]
-    if impl == "conv3d" or kt == 1:
-        if kt == 1 and st == 1 and impl != "conv3d":
-            n, t = x.shape[:2]
-            y = _conv(x.reshape((n * t,) + x.shape[2:]), kernel[0], strides=strides[1:], padding=padding, impl=impl)
-            return y.reshape((n, t) + y.shape[1:])
-        return jax.lax.conv_general_dilated(x, kernel, strides, ((0, 0),) + tuple(padding),
-                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    # fold2d: stack the kt time taps along channels and run one 2-D conv over (N * T_out) frames. The stacked
-    # input is kt x the conv's input; when that is large (720p stages) build it one output frame at a time.
     n, tp = x.shape[:2]
     t_out = (tp - kt) // st + 1
+    if impl == "fold2d" and x.size // tp * kt * t_out * x.dtype.itemsize > FOLD2D_MAX_BYTES:
+        impl = "conv3d"  # the 720p stage: stacking 3 taps of 4+ frames would add >1.5 GB to the peak
+    if impl == "conv3d" or kt == 1:
+        if kt == 1 and st == 1 and impl != "conv3d":
+            y = _conv(x.reshape((n * tp,) + x.shape[2:]), kernel[0], strides=strides[1:], padding=padding, impl=impl)
+            return y.reshape((n, tp) + y.shape[1:])
+        return jax.lax.conv_general_dilated(x, kernel, strides, ((0, 0),) + tuple(padding),
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    # fold2d: stack the kt time taps along channels and run one 2-D conv over (N * T_out) frames: faster than
+    # cuDNN's 3-D conv at every VAE shape on H200 (bench/bench_vae.py), but the stacked input is kt x the conv's.
+    taps = [jax.lax.slice_in_dim(x, k, k + st * (t_out - 1) + 1, stride=st, axis=1) for k in range(kt)]
+    xs = jnp.concatenate(taps, axis=-1)
+    xs = xs.reshape((n * t_out,) + xs.shape[2:])
     kh, kw, ci, co = kernel.shape[1:]
     k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * ci, co)
-
-    def conv2d(frames):  # (n, t, kt, H, W, C) -> (n, t, H', W', co)
-        f = jnp.moveaxis(frames, 2, -2)
-        f = f.reshape((f.shape[0] * f.shape[1],) + f.shape[2:4] + (kt * ci,))
-        y = jax.lax.conv_general_dilated(f, k2, strides[1:], padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y.reshape((frames.shape[0], frames.shape[1]) + y.shape[1:])
-
-    if t_out == 1 or x.size // tp * kt * t_out * x.dtype.itemsize <= _FOLD_BYTES:
-        taps = [jax.lax.slice_in_dim(x, k, k + st * (t_out - 1) + 1, stride=st, axis=1) for k in range(kt)]
-        return conv2d(jnp.stack(taps, axis=2))
-
-    def one(t, out):
-        y = conv2d(jax.lax.dynamic_slice_in_dim(x, t * st, kt, axis=1)[:, None])
-        return jax.lax.dynamic_update_slice_in_dim(out, y, t, axis=1)
-
-    h_out = (x.shape[2] + sum(padding[0]) - kh) // strides[1] + 1
-    w_out = (x.shape[3] + sum(padding[1]) - kw) // strides[2] + 1
-    out = jnp.zeros((n, t_out, h_out, w_out, co), x.dtype)
-    return jax.lax.fori_loop(0, t_out, one, out)
+    y = jax.lax.conv_general_dilated(xs, k2, strides[1:], padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape((n, t_out) + y.shape[1:])
 
 
 def _per_frame(fn, x: Array) -> Array:
