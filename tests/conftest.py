@@ -28,3 +28,8 @@ def dit_parity() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def case_a(dit_parity) -> pathlib.Path:
     return dit_parity / "caseA"
+
+
+@pytest.fixture(scope="session")
+def vae_case_a() -> pathlib.Path:
+    return shared_dir() / "parity" / "wan_vae" / "caseA"

@@ -2,6 +2,7 @@
 
     python tools/parity.py dit --case ../shared/parity/dit_control/caseA --out /tmp/out.npz
     python tools/parity.py dit --case DIR --weights DIR/../dcp/converted/model_ema_fp32.pt --out OUT.npz
+    python tools/parity.py vae --case ../shared/parity/wan_vae/caseA --out /tmp/vae.npz
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ def main(argv=None):
     dit.add_argument("--out", required=True, help="output .npz (key out_B_C_T_H_W)")
     dit.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
     dit.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    vae = sub.add_parser("vae", help="Wan2.1 VAE encode + decode (fp32)")
+    vae.add_argument("--case", required=True, help="folder with manifest.json, weights.safetensors, io.npz (x)")
+    vae.add_argument("--out", required=True, help="output .npz (mu_raw, logvar_raw, latent, recon; NCTHW)")
     args = ap.parse_args(argv)
+    if args.what == "vae":
+        outs = parity.run_vae_case(args.case)
+        np.savez(args.out, **outs)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
+        return
     out = parity.run_dit_case(args.case, weights=args.weights, inputs=args.inputs)
     np.savez(args.out, out_B_C_T_H_W=out)
     print(f"wrote {args.out}: out_B_C_T_H_W {out.shape} mean {out.mean():.6f} std {out.std():.6f}")

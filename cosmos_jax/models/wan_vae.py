@@ -468,13 +468,15 @@ def _stream(step, x: Array, size: int) -> Array:
 
 
 def _over_batch(fn, x: Array, batch_chunk: int) -> Array:
+    """fn over `batch_chunk` videos at a time (lax.map: one compiled body, memory of one group), then the rest."""
     n = x.shape[0]
     if batch_chunk == 0 or batch_chunk >= n:
         return fn(x)
-    if n % batch_chunk:
-        raise VAEShapeError(f"batch of {n} videos is not a multiple of WanVAEConfig.batch_chunk={batch_chunk}")
-    ys = jax.lax.map(fn, x.reshape((n // batch_chunk, batch_chunk) + x.shape[1:]))
-    return ys.reshape((n,) + ys.shape[2:])
+    k = n // batch_chunk
+    body = x[: k * batch_chunk].reshape((k, batch_chunk) + x.shape[1:])
+    ys = jax.lax.map(fn, body)
+    ys = ys.reshape((k * batch_chunk,) + ys.shape[2:])
+    return ys if n == k * batch_chunk else jnp.concatenate([ys, fn(x[k * batch_chunk:])], axis=0)
 
 
 def encode_moments(params, x: Array, cfg: WanVAEConfig) -> tuple[Array, Array]:
