@@ -35,6 +35,20 @@ def _model(**kw) -> ml_collections.ConfigDict:
     return m
 
 
+def _vae(**kw) -> ml_collections.ConfigDict:
+    v = ml_collections.ConfigDict()
+    # Wan2.1 VAE (frozen): reference `_video_vae` width; everything else is the fixed Wan2.1 layout
+    v.dim = 96
+    v.dtype = "bfloat16"     # the reference casts the whole VAE to bf16
+    v.conv_impl = "fold2d"   # "fold2d" (time taps folded into a 2-D conv; fastest on H200) | "conv3d"
+    v.encode_chunk = 4       # pixel frames per encoder step after frame 0 (0 = whole clip; memory vs calls)
+    v.decode_chunk = 1       # latent frames per decoder step after frame 0 (the reference streams 1)
+    v.batch_chunk = 1        # videos (views) at a time; 0 = all at once (more memory, no faster at 720p)
+    v.weights = ""           # tokenizer.pth (HF nvidia/Cosmos-Predict2.5-2B) or .safetensors; "" = random init
+    v.update(kw)
+    return v
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "tiny"
     c = ml_collections.ConfigDict()
@@ -48,9 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = _model(model_channels=64, num_blocks=4, num_heads=4, adaln_lora_dim=16, vace_block_every_n=2,
                          state_t=2, crossattn_proj_in_channels=48, crossattn_emb_channels=32, dtype="float32",
                          attention_backend="xla", remat_policy="none")
+        c.vae = _vae(dim=8, dtype="float32", batch_chunk=0)
         c.shape.update(dict(views=3, height=8, width=12))
     elif variant == "post_train_example":
         c.model = _model()
+        c.vae = _vae()
         c.mesh.update(dict(fsdp=1, context=-1))  # all GPUs in one context-parallel group, as the reference
     else:
         raise ValueError(f"unknown config variant {variant!r}; choose tiny or post_train_example")

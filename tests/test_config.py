@@ -22,6 +22,18 @@ def test_variants_build_the_right_networks():
         cfg_file.get_config("nope")
 
 
+def test_vae_sections_build_the_right_vae(vae_case_a):
+    from cosmos_jax.models import wan_vae
+
+    real = build.vae_config_from(cfg_file.get_config("post_train_example").vae)
+    assert real == wan_vae.WanVAEConfig.real(batch_chunk=1)
+    tiny_cfg = cfg_file.get_config("tiny").vae
+    tiny = build.vae_config_from(tiny_cfg)
+    assert tiny.dim == 8 and tiny.dtype == np.float32
+    params = build.init_vae_params(tiny, weights=str(vae_case_a / "weights.safetensors"))
+    assert params["decoder"]["head_2"]["kernel"].shape == (3, 3, 3, 8, 3)
+
+
 def test_reference_kwargs_match_named_constructors(case_a):
     case = json.loads((case_a / "case.json").read_text())
     assert DiTConfig.from_reference_kwargs(case["constructor_kwargs_real_2B"]) == DiTConfig.real_2b()

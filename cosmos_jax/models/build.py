@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cosmos_jax.models import dit as dit_lib
+from cosmos_jax.models import dit as dit_lib, wan_vae
 from cosmos_jax.models.dit_config import DiTConfig
 from cosmos_jax.parallel import mesh as mesh_lib
-from cosmos_jax.weights import keymap, torch_io
+from cosmos_jax.weights import keymap, torch_io, vae_keymap
 
 _ARCH_FIELDS = ("model_channels", "num_blocks", "num_heads", "adaln_lora_dim", "vace_block_every_n", "state_t",
                 "crossattn_proj_in_channels", "crossattn_emb_channels")
@@ -41,3 +41,16 @@ def init_params(cfg: DiTConfig, mesh, *, seed: int = 0, weights: str = ""):
         return params, cfg
     init = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(seed))), out_shardings=shardings)
     return init(), cfg
+
+
+def vae_config_from(vae_cfg) -> wan_vae.WanVAEConfig:
+    """WanVAEConfig from the `vae` section of an ml_collections config."""
+    return wan_vae.WanVAEConfig(dim=vae_cfg.dim, dtype=jnp.dtype(vae_cfg.dtype), conv_impl=vae_cfg.conv_impl,
+                                encode_chunk=vae_cfg.encode_chunk, decode_chunk=vae_cfg.decode_chunk,
+                                batch_chunk=vae_cfg.batch_chunk)
+
+
+def init_vae_params(cfg: wan_vae.WanVAEConfig, *, seed: int = 0, weights: str = ""):
+    """Replicated VAE parameters in the compute dtype, from `weights` (tokenizer.pth / .safetensors) or random."""
+    params = vae_keymap.load_vae_params(weights, cfg)[0] if weights else wan_vae.init_params(cfg, seed)
+    return jax.tree.map(lambda a: jnp.asarray(a, cfg.dtype), params)
