@@ -98,3 +98,15 @@ def test_resize_identity_and_errors():
     np.testing.assert_array_equal(video.resize(img, (16, 24)), img)
     with pytest.raises(ValueError, match="uint8"):
         video.resize(img.astype(np.float32), (8, 8))
+
+
+def test_vae_roundtrip_tool_writes_a_video(mp4, tmp_path, vae_case_a):
+    from tools import vae_roundtrip
+
+    path, _ = mp4
+    out = tmp_path / "recon.mp4"
+    psnr = vae_roundtrip.roundtrip(str(path), str(out), weights=str(vae_case_a / "weights.safetensors"),
+                                   frames=9, size=(32, 48), dtype="float32")
+    info = video.probe(out)
+    assert (info.num_frames, info.height, info.width, info.fps) == (9, 32, 48, 10.0)
+    assert np.isfinite(psnr)
