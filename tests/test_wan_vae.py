@@ -60,9 +60,8 @@ def tiny():
     cfg = wan_vae.WanVAEConfig.tiny(dtype=jnp.float32)
     params = wan_vae.init_params(cfg, seed=3)
     # random (non-zero) gammas and biases so every path matters
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    params = jax.tree.unflatten(tree, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda a: np.asarray(a) + 0.1 * rng.standard_normal(a.shape, np.float32), params)
     x = jax.random.uniform(jax.random.key(1), (2, 13, 16, 24, 3), jnp.float32, -1, 1)
     return cfg, params, x
 
