@@ -142,3 +142,22 @@ def vae_intermediate_key(fixture_name: str) -> str:
     side = {"enc": "encoder", "dec": "decoder"}[m.group(1)]
     group = {"down": "downsamples", "up": "upsamples", "mid": "middle"}[m.group(2)]
     return f"{side}.{group}.{m.group(3)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text encoder: a local Hugging Face Qwen2.5-VL directory + a JSON list of captions
+
+
+def run_text_case(model_dir: str, captions_json: str) -> dict[str, np.ndarray]:
+    """fp32 recipe embeddings [N, 512, layers*hidden] and token ids [N, 512] of every caption in the JSON list."""
+    from cosmos_jax.text import embed as text_embed
+
+    with open(captions_json) as f:
+        captions = json.load(f)
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{captions_json}: expected a JSON list of strings")
+    embedder = text_embed.TextEmbedder.from_dir(model_dir, dtype=jnp.float32, param_dtype=jnp.float32)
+    ids = embedder.tokenizer.ids(captions)
+    with jax.default_matmul_precision("highest"):
+        emb = embedder.embed_token_ids(ids)
+    return {"embeddings": emb, "token_ids": ids}

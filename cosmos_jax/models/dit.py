@@ -94,6 +94,17 @@ def _stack(layer_cls, cfg: DiTConfig, length: int, n_broadcast: int, name: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Input preparation
 # ----------------------------------------------------------------------------------------------------------------
+def _crossattn_proj(cfg: DiTConfig, name: str | None = None) -> nn.Dense:
+    return dense(cfg.crossattn_emb_channels, ("text_in", "kv_embed"), fan_in=cfg.crossattn_proj_in_channels,
+                 use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+
+def project_text(crossattn_proj_params, crossattn_emb, cfg: DiTConfig):
+    """The DiT's text projection alone (same layer as inside the net): GELU(crossattn_emb @ W + b), cfg.dtype."""
+    out = _crossattn_proj(cfg).apply({"params": crossattn_proj_params}, crossattn_emb)
+    return nn.gelu(out, approximate=False)
+
+
 def nearest_resize_indices(n_in: int, n_out: int) -> np.ndarray:
     """torch `interpolate(mode='nearest')` source indices: floor(dst * (in/out)) in fp32, clamped."""
     scale = np.float32(n_in) / np.float32(n_out)
@@ -169,14 +180,16 @@ class MultiViewControlDiT(nn.Module):
 
     @nn.compact
     def __call__(self, x_B_C_T_H_W, timesteps_B_T, crossattn_emb, latent_control_input=None, control_weight=1.0,
-                 condition_video_input_mask_B_C_T_H_W=None, padding_mask=None, view_indices_B_T=None, fps=None):
+                 condition_video_input_mask_B_C_T_H_W=None, padding_mask=None, view_indices_B_T=None, fps=None,
+                 context_projected: bool = False):
         """Velocity prediction [B, C, V*T, H, W].
 
         x_B_C_T_H_W: noisy latent, frames view-major (index v*T + t). timesteps_B_T: [B, V*T], [B, 1] or [B] in
         [0, 1000]. crossattn_emb: [B, V_text*512, C_text]. latent_control_input: control latent like x, or None for
         the base network alone (the reference always runs the control branch; control_weight 0 gives the same
         output). control_weight: scalar (may be traced). padding_mask: [B, 1, H_pix, W_pix]. fps: unused (the
-        model's RoPE has no fps modulation).
+        model's RoPE has no fps modulation). context_projected: crossattn_emb is already the output of
+        `project_text` (crossattn_proj + GELU, frozen in post-training), e.g. from a projected-context cache.
         """
         del fps
         cfg = self.cfg
@@ -199,10 +212,10 @@ class MultiViewControlDiT(nn.Module):
         t_tok, h_tok, w_tok = grid
 
         # 2. conditioning -----------------------------------------------------------------------------------
-        context = dense(cfg.crossattn_emb_channels, ("text_in", "kv_embed"), fan_in=cfg.crossattn_proj_in_channels,
-                        use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        name="crossattn_proj")(crossattn_emb)
-        context = nn.gelu(context, approximate=False)
+        if context_projected:
+            context = crossattn_emb.astype(cfg.dtype)
+        else:
+            context = nn.gelu(_crossattn_proj(cfg, name="crossattn_proj")(crossattn_emb), approximate=False)
         self.sow("intermediates", "crossattn_proj_out_B_N_D", context)
 
         sinusoid = timestep_sinusoid(timesteps_B_T * cfg.timestep_scale, cfg.model_channels)  # fp32

@@ -41,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("text_in", ("fsdp", "context")),         # crossattn_proj input (100352 in the 2B model)
     ("norm", None),                           # RMSNorm scales, biases
     ("views", None),                          # view embedding table
+    ("vocab", ("fsdp", "context")),           # text-encoder token embedding rows (152064 in Qwen2.5-VL-7B)
 )
 
 _RULES: contextvars.ContextVar = contextvars.ContextVar("cosmos_jax_rules", default=DEFAULT_RULES)
