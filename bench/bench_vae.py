@@ -18,26 +18,22 @@ attention matmuls, 2 x MACs) and its ratio to the matmul rate, and the JAX/diffu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import emit, run_isolated  # noqa: E402
+
 FRAMES, HEIGHT, WIDTH = 29, 720, 1280
 ALL_PARTS = ("matmul", "convs", "jax-encode", "jax-decode", "diffusers-encode", "diffusers-decode")
-
-
-def _emit(rec: dict) -> None:
-    print("RESULT " + json.dumps(rec), flush=True)
 
 
 def part_matmul(args) -> None:
     from bench.common import matmul_rate
 
-    _emit({"part": "matmul", "flops_per_s": max(matmul_rate(8192, 16), matmul_rate(16384, 4))})
+    emit({"part": "matmul", "flops_per_s": max(matmul_rate(8192, 16), matmul_rate(16384, 4))})
 
 
 def part_convs(args) -> None:
@@ -59,12 +55,12 @@ def part_convs(args) -> None:
             f = jax.jit(lambda x, k, impl=impl: wan_vae._conv(x, k, strides=(1, 1, 1), padding=((1, 1), (1, 1)),
                                                                impl=impl))
             s = timeit(f, x, k, warmup=2, iters=10)
-            _emit({"part": "convs", "shape": [t, h, w, ci, co], "impl": impl, "s": s, "flops_per_s": fl / s})
+            emit({"part": "convs", "shape": [t, h, w, ci, co], "impl": impl, "s": s, "flops_per_s": fl / s})
         norm = wan_vae.RMSNorm(jnp.bfloat16)
         p = norm.init(jax.random.key(0), x[:, :1])
         f = jax.jit(lambda p, x: wan_vae._silu(norm.apply(p, x)))
         s = timeit(f, p, x, warmup=2, iters=10)
-        _emit({"part": "convs", "shape": [t, h, w, ci, co], "impl": "rmsnorm_silu", "s": s,
+        emit({"part": "convs", "shape": [t, h, w, ci, co], "impl": "rmsnorm_silu", "s": s,
                "bytes_per_s": 2 * x.size * 2 / s})
 
 
@@ -93,7 +89,7 @@ def part_jax(args, which: str) -> None:
     s = timeit(compiled, params, x, warmup=1, iters=args.iters)
     stats = jax.local_devices()[0].memory_stats() or {}
     mem = compiled.memory_analysis()
-    _emit({"part": f"jax-{which}", "impl": args.impl, "views": args.views, "encode_chunk": args.encode_chunk,
+    emit({"part": f"jax-{which}", "impl": args.impl, "views": args.views, "encode_chunk": args.encode_chunk,
            "decode_chunk": args.decode_chunk, "batch_chunk": args.batch_chunk, "s": s, "compile_s": compile_s,
            "frames_per_s": args.views * FRAMES / s, "flops": fl, "flops_per_s": fl / s,
            "peak_bytes": stats.get("peak_bytes_in_use"),
@@ -128,7 +124,7 @@ def part_diffusers(args, which: str) -> None:
             if i:
                 times.append(time.perf_counter() - t0)
     s = sorted(times)[len(times) // 2]
-    _emit({"part": f"diffusers-{which}", "views": args.views, "s": s, "frames_per_s": args.views * FRAMES / s,
+    emit({"part": f"diffusers-{which}", "views": args.views, "s": s, "frames_per_s": args.views * FRAMES / s,
            "flops": fl, "flops_per_s": fl / s, "peak_bytes": torch.cuda.max_memory_allocated(),
            "torch": torch.__version__})
 
@@ -199,20 +195,10 @@ def main(argv=None) -> None:
         views = args.views.split(",") if part.startswith(("jax-", "diffusers-")) else ["1"]
         for impl in impls:
             for v in views:
-                cmd = [sys.executable, os.path.abspath(__file__), "--run-part", part, "--impl", impl, "--views", v,
-                       "--encode-chunk", str(args.encode_chunk), "--decode-chunk", str(args.decode_chunk),
-                       "--batch-chunk", str(args.batch_chunk), "--iters", str(args.iters), "--size", args.size]
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                got = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                print(f"[{part} impl={impl} views={v}] rc={proc.returncode} {time.perf_counter() - t0:.0f}s", flush=True)
-                if proc.returncode:
-                    print(proc.stderr[-3000:], flush=True)
-                records += got
-                if args.out:
-                    with open(args.out, "a") as f:
-                        for r in got:
-                            f.write(json.dumps(r) + "\n")
+                argv = ["--run-part", part, "--impl", impl, "--views", v, "--encode-chunk", str(args.encode_chunk),
+                        "--decode-chunk", str(args.decode_chunk), "--batch-chunk", str(args.batch_chunk),
+                        "--iters", str(args.iters), "--size", args.size]
+                records += run_isolated(os.path.abspath(__file__), argv, f"{part} impl={impl} views={v}", args.out)
     print(summarize(records))
 
 

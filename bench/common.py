@@ -29,3 +29,29 @@ def matmul_rate(n=8192, chain=16):
     f = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda i, x: x @ b, a))
     t = timeit(f, a, b, warmup=2, iters=5)
     return chain * 2 * n ** 3 / t
+
+
+def emit(record: dict) -> None:
+    """One measurement, as a line the parent process collects (see run_isolated)."""
+    import json
+
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def run_isolated(script: str, argv: list[str], label: str, out: str | None = None) -> list[dict]:
+    """Run `python script argv` in a fresh process (its own peak memory); return the records it emitted."""
+    import json
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, script] + argv, capture_output=True, text=True)
+    got = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    print(f"[{label}] rc={proc.returncode} {time.perf_counter() - t0:.0f}s", flush=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], flush=True)
+    if out:
+        with open(out, "a") as f:
+            for r in got:
+                f.write(json.dumps(r) + "\n")
+    return got
