@@ -54,7 +54,7 @@ def part_jax(args) -> None:
     from cosmos_jax.models import text_encoder as te
     from cosmos_jax.text import embed as text_embed
 
-    cfg = model_config(args, attention_backend=args.backend)
+    cfg = model_config(args, attention_backend=args.backend, scan_layers=not args.unrolled)
     params = text_embed.init_params(cfg)
     ids = jax.random.randint(jax.random.key(0), (args.batch, SEQ), 0, cfg.vocab_size, jnp.int32)
     hidden = jax.jit(lambda p, i: te.QwenTextModel(cfg).apply({"params": p}, i))
@@ -62,7 +62,7 @@ def part_jax(args) -> None:
     for name, fn in (("jax", lambda p, i: text_embed.embed_ids(cfg, p, i)), ("jax-hidden", hidden)):
         s = timeit(fn, params, ids, warmup=2, iters=args.iters)
         stats = jax.local_devices()[0].memory_stats() or {}
-        emit({"part": name, "backend": args.backend, "batch": args.batch, "s": s, "captions_per_s": args.batch / s,
+        emit({"part": name + ("-unrolled" if args.unrolled else ""), "backend": args.backend, "batch": args.batch, "s": s, "captions_per_s": args.batch / s,
               "flops_per_s": fl / s, "peak_bytes": stats.get("peak_bytes_in_use")})
 
 
@@ -89,13 +89,13 @@ def part_transformers(args) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
-        for it in range(args.iters + 2):
+        for it in range(args.iters + 5):
             sync()
             t0 = time.perf_counter()
             out = model(input_ids=ids, output_hidden_states=True)
             assert len(out.hidden_states) == cfg.num_hidden_layers + 1
             sync()
-            if it >= 2:
+            if it >= 5:
                 times.append(time.perf_counter() - t0)
     s = sorted(times)[len(times) // 2]
     emit({"part": "transformers", "batch": args.batch, "s": s, "captions_per_s": args.batch / s,
@@ -126,12 +126,14 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", default="1,8", help="comma list of caption batch sizes")
     ap.add_argument("--backend", default="cudnn", help="comma list of QwenTextConfig.attention_backend")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--unrolled", default="0", help="comma list of 0/1: QwenTextConfig.scan_layers=False")
     ap.add_argument("--config", default="7b", choices=("7b", "tiny"), help="model shape (tiny: CPU smoke runs)")
     ap.add_argument("--out", default=None, help="append JSON records here")
     ap.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run_part:
         args.batch = int(args.batch)
+        args.unrolled = bool(int(args.unrolled))
         if args.run_part == "matmul":
             from bench.common import matmul_rate
 
@@ -139,12 +141,15 @@ def main(argv=None) -> None:
         return {"jax": part_jax, "transformers": part_transformers}[args.run_part](args)
     records = []
     for part in args.parts.split(","):
-        backends = args.backend.split(",") if part == "jax" else ["-"]
+        variants = [(b, u) for b in args.backend.split(",") for u in args.unrolled.split(",")] if part == "jax" \
+            else [("-", "0")]
         batches = args.batch.split(",") if part != "matmul" else ["1"]
-        for backend in backends:
+        for backend, unrolled in variants:
             for b in batches:
-                argv = ["--run-part", part, "--batch", b, "--backend", backend, "--iters", str(args.iters), "--config", args.config]
-                records += run_isolated(os.path.abspath(__file__), argv, f"{part} {backend} batch={b}", args.out)
+                argv = ["--run-part", part, "--batch", b, "--backend", backend, "--unrolled", unrolled,
+                        "--iters", str(args.iters), "--config", args.config]
+                records += run_isolated(os.path.abspath(__file__), argv, f"{part} {backend} u={unrolled} batch={b}",
+                                        args.out)
     print(summarize(records))
 
 

@@ -83,6 +83,19 @@ def test_recipe_embeddings_match_transformers(model_dir, embedder):
         np.testing.assert_allclose(embedder2(CAPTIONS), got, atol=1e-5)
 
 
+def test_unrolled_layers_equal_the_scan(embedder):
+    import dataclasses
+
+    cfg = dataclasses.replace(embedder.cfg, scan_layers=False)
+    params = text_embed.place_params(jax.tree.map(np.asarray, embedder.params), cfg)
+    assert "layers_2" in params and "layers" not in params
+    ids = jnp.asarray(embedder.tokenizer.ids(CAPTIONS[:1]))
+    with jax.default_matmul_precision("highest"):
+        a = text_embed.embed_ids(embedder.cfg, embedder.params, ids)
+        b = text_embed.embed_ids(cfg, params, ids)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_flat_released_config_and_sharded_checkpoint_load_the_same(model_dir, embedder, tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import save_file

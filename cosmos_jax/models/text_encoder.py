@@ -6,8 +6,9 @@ Reference: `cosmos_transfer2/_src/reason1/networks/qwen2_5_vl.py` (`Qwen2_5_VLMo
 all 512 positions (pads see the caption, the caption never sees pads) and positions are 0..511. For text the
 multimodal RoPE's three position streams are equal, so it is ordinary RoPE.
 
-Layer weights are stacked on a leading `layers` axis (nn.scan: one compiled layer). q/k/v and gate/up projections
-are stored fused (one matmul each); `weights/hf_io.py` fuses the Hugging Face tensors on import.
+Layer weights are stacked on a leading `layers` axis (nn.scan: one compiled layer), or, with `scan_layers=False`,
+kept per layer (`layers_0` ...: no per-step slice of the stacked weights, faster at small batch; `unstack_layers`).
+q/k/v and gate/up projections are stored fused (one matmul each); `weights/hf_io.py` fuses the HF tensors on import.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class QwenTextConfig:
     dtype: Any = jnp.bfloat16        # compute
     param_dtype: Any = jnp.bfloat16  # the released weights are bf16 and the encoder is frozen
     attention_backend: str = "xla"   # "xla" (any device) | "cudnn" (GPU flash attention)
+    scan_layers: bool = True         # one scanned layer (fast compile) | 28 unrolled layers with their own weights
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -166,9 +168,26 @@ class QwenTextModel(nn.Module):
                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
         x = jnp.take(table, input_ids, axis=0).astype(cfg.dtype)
         rope = rope_cos_sin(input_ids.shape[1], cfg.head_dim, cfg.rope_theta)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=cfg.num_hidden_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, hidden = layers(cfg, name="layers")(x, rope)
+        if cfg.scan_layers:
+            layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=nn.broadcast, length=cfg.num_hidden_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, hidden = layers(cfg, name="layers")(x, rope)
+        else:
+            outs = []
+            for i in range(cfg.num_hidden_layers):
+                x, _ = DecoderLayer(cfg, name=f"layers_{i}")(x, rope)
+                outs.append(x)
+            hidden = jnp.stack(outs)
         last = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x)
         return hidden.at[-1].set(last)
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Stacked (`layers`, leading layer axis) -> per-layer (`layers_0`, ...) parameters for scan_layers=False."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    return out

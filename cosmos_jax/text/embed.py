@@ -15,6 +15,7 @@ instead (`project_context`); a dropped caption (CFG text dropout zeroes the embe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Sequence
@@ -63,6 +64,8 @@ def abstract_boxed_params(cfg: te.QwenTextConfig):
 
 def place_params(params, cfg: te.QwenTextConfig, mesh=None):
     """numpy params -> device arrays; FSDP-sharded over `mesh` by the logical rules (a 7B model on small GPUs)."""
+    if not cfg.scan_layers:
+        params = te.unstack_layers(params, cfg.num_hidden_layers)
     if mesh is None:
         return jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), params)
     shardings = mesh_lib.param_shardings(abstract_boxed_params(cfg), mesh)
@@ -74,7 +77,9 @@ def init_params(cfg: te.QwenTextConfig, seed: int = 0):
     from flax import linen as nn
 
     ids = jnp.zeros((1, 8), jnp.int32)
-    return nn.unbox(jax.jit(te.QwenTextModel(cfg).init)(jax.random.key(seed), ids)["params"])
+    stacked = nn.unbox(jax.jit(te.QwenTextModel(dataclasses.replace(cfg, scan_layers=True)).init)(
+        jax.random.key(seed), ids)["params"])
+    return stacked if cfg.scan_layers else te.unstack_layers(stacked, cfg.num_hidden_layers)
 
 
 class TextEmbedder:
