@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", default="1,8", help="comma list of caption batch sizes")
     ap.add_argument("--backend", default="cudnn", help="comma list of QwenTextConfig.attention_backend")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--unrolled", default="0", help="comma list of 0/1: QwenTextConfig.scan_layers=False")
+    ap.add_argument("--unrolled", default="1", help="comma list of 0/1: QwenTextConfig.scan_layers=False")
     ap.add_argument("--config", default="7b", choices=("7b", "tiny"), help="model shape (tiny: CPU smoke runs)")
     ap.add_argument("--out", default=None, help="append JSON records here")
     ap.add_argument("--run-part", default=None, help=argparse.SUPPRESS)

@@ -83,12 +83,13 @@ def test_recipe_embeddings_match_transformers(model_dir, embedder):
         np.testing.assert_allclose(embedder2(CAPTIONS), got, atol=1e-5)
 
 
-def test_unrolled_layers_equal_the_scan(embedder):
+def test_unrolled_layers_equal_the_scan(model_dir, embedder):
     import dataclasses
 
-    cfg = dataclasses.replace(embedder.cfg, scan_layers=False)
-    params = text_embed.place_params(jax.tree.map(np.asarray, embedder.params), cfg)
-    assert "layers_2" in params and "layers" not in params
+    assert not embedder.cfg.scan_layers and "layers_2" in embedder.params and "layers" not in embedder.params
+    cfg = dataclasses.replace(embedder.cfg, scan_layers=True)
+    params = text_embed.place_params(hf_io.load_params(model_dir, cfg), cfg)
+    assert params["layers"]["down_proj"]["kernel"].shape == (3, 96, 64)
     ids = jnp.asarray(embedder.tokenizer.ids(CAPTIONS[:1]))
     with jax.default_matmul_precision("highest"):
         a = text_embed.embed_ids(embedder.cfg, embedder.params, ids)
@@ -115,8 +116,8 @@ def test_flat_released_config_and_sharded_checkpoint_load_the_same(model_dir, em
         save_file({k: state[k] for k in keys}, str(d / fname))
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
-    params = hf_io.load_params(d, embedder.cfg)
-    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, embedder.params))
+    params = text_embed.place_params(hf_io.load_params(d, embedder.cfg), embedder.cfg)
+    jax.tree.map(np.testing.assert_array_equal, params, embedder.params)
 
 
 def test_missing_or_wrong_files_are_named(model_dir, tmp_path):
@@ -143,7 +144,8 @@ def test_fsdp_sharded_encoder_equals_single_device(embedder):
 
     mesh = mesh_lib.make_mesh(fsdp=8)
     sharded = text_embed.place_params(jax.tree.map(np.asarray, embedder.params), embedder.cfg, mesh)
-    assert not sharded["layers"]["gate_up_proj"]["kernel"].sharding.is_fully_replicated
+    assert not sharded["layers_0"]["gate_up_proj"]["kernel"].sharding.is_fully_replicated
+    assert not sharded["embed_tokens"].sharding.is_fully_replicated
     ids = jnp.asarray(embedder.tokenizer.ids(CAPTIONS[:2]))
     with jax.default_matmul_precision("highest"):
         a = text_embed.embed_ids(embedder.cfg, embedder.params, ids)

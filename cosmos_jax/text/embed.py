@@ -15,7 +15,6 @@ instead (`project_context`); a dropped caption (CFG text dropout zeroes the embe
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Sequence
@@ -77,9 +76,7 @@ def init_params(cfg: te.QwenTextConfig, seed: int = 0):
     from flax import linen as nn
 
     ids = jnp.zeros((1, 8), jnp.int32)
-    stacked = nn.unbox(jax.jit(te.QwenTextModel(dataclasses.replace(cfg, scan_layers=True)).init)(
-        jax.random.key(seed), ids)["params"])
-    return stacked if cfg.scan_layers else te.unstack_layers(stacked, cfg.num_hidden_layers)
+    return nn.unbox(jax.jit(te.QwenTextModel(cfg).init)(jax.random.key(seed), ids)["params"])
 
 
 class TextEmbedder:
