@@ -190,6 +190,19 @@ def test_projected_context_shortcut(case_a):
     np.testing.assert_allclose(np.asarray(dropped), np.broadcast_to(gelu_bias, dropped.shape), atol=1e-7)
 
 
+def test_embedder_from_config_section(model_dir, embedder):
+    from configs import transfer2_auto_multiview as cfg_file
+
+    cfg = cfg_file.get_config("tiny")
+    with pytest.raises(ValueError, match="model_dir"):
+        text_embed.TextEmbedder.from_config(cfg.text)
+    with cfg.unlocked():
+        cfg.text.model_dir = model_dir
+    emb = text_embed.TextEmbedder.from_config(cfg.text)
+    assert emb.batch_size == 2 and emb.cfg == embedder.cfg
+    assert cfg_file.get_config("post_train_example").text.attention_backend == "cudnn"
+
+
 def test_parity_cli_text(model_dir, embedder, tmp_path):
     from tools import parity as parity_cli
 

@@ -95,6 +95,16 @@ class TextEmbedder:
         params = place_params(hf_io.load_params(model_dir, cfg), cfg, mesh)
         return cls(cfg, params, tokenizer, batch_size=batch_size)
 
+    @classmethod
+    def from_config(cls, text_cfg, *, mesh=None):
+        """From the `text` section of an ml_collections config (model_dir, dtype, attention_backend, ...)."""
+        if not text_cfg.model_dir:
+            raise ValueError("config.text.model_dir is empty: give the local Cosmos-Reason1 / Qwen2.5-VL directory")
+        dtype = jnp.dtype(text_cfg.dtype)
+        return cls.from_dir(text_cfg.model_dir, mesh=mesh, batch_size=text_cfg.batch_size, dtype=dtype,
+                            param_dtype=dtype, attention_backend=text_cfg.attention_backend,
+                            scan_layers=text_cfg.scan_layers)
+
     def embed_token_ids(self, ids: np.ndarray) -> np.ndarray:
         """(N, 512) ids -> (N, 512, L * D), `batch_size` captions per call (the last batch padded, then cut)."""
         outs = []
