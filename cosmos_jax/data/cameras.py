@@ -27,3 +27,13 @@ CAPTION_PREFIXES: dict[str, str] = {
 }
 
 CAPTION_CAMERA = "camera_front_wide_120fov"  # the one view whose caption text is used (single_caption_camera_name)
+
+
+def training_view_captions(caption: str, view_ids=tuple(range(len(CAMERAS))), caption_position: int = 0) -> list[str]:
+    """Per-view training strings: `"{prefix} {caption}"` at `caption_position`, `"{prefix} "` elsewhere; the prefix
+    is that of the base-rig camera of each view id (custom rigs map their cameras to the closest one)."""
+    bad = [v for v in view_ids if not 0 <= v < len(CAMERAS)]
+    if bad:
+        raise ValueError(f"view ids {bad} are outside the base rig's 0..{len(CAMERAS) - 1}")
+    return [f"{CAPTION_PREFIXES[CAMERAS[v]]} {caption if i == caption_position else ''}"
+            for i, v in enumerate(view_ids)]

@@ -127,10 +127,11 @@ class TextEmbedder:
 def training_view_captions(caption: str, cameras: Sequence[str] = cams.CAMERAS,
                            caption_camera: str = cams.CAPTION_CAMERA) -> list[str]:
     """The 7 strings of a training sample: `"{prefix} {caption}"` on the caption camera, `"{prefix} "` elsewhere."""
-    unknown = [c for c in cameras if c not in cams.CAPTION_PREFIXES]
+    unknown = [c for c in cameras if c not in cams.CAMERAS]
     if unknown:
         raise ValueError(f"no caption prefix for cameras {unknown}; known: {list(cams.CAPTION_PREFIXES)}")
-    return [f"{cams.CAPTION_PREFIXES[c]} {caption if c == caption_camera else ''}" for c in cameras]
+    return cams.training_view_captions(caption, [cams.CAMERAS.index(c) for c in cameras],
+                                       list(cameras).index(caption_camera))
 
 
 def inference_view_captions(prompt: str, n_views: int, primary: int = 0) -> list[str]:
