@@ -131,3 +131,76 @@ def test_grain_iterator_resumes_from_saved_state(dataset):
         source, pipeline.LoaderConfig(batch_size=1, num_epochs=1, read_threads=1), process_index=p, process_count=2)]
         for p in range(2)]
     assert sorted(shards[0] + shards[1]) == ["synthetic_0000", "synthetic_0001", "synthetic_0002"]
+
+
+def test_cache_round_trip_equals_online_path_and_stale_is_refused(dataset, tmp_path):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from cosmos_jax.data import cache as cache_lib
+    from cosmos_jax.models import dit as dit_lib
+    from cosmos_jax.models import wan_vae
+    from cosmos_jax.models.dit_config import DiTConfig
+    from cosmos_jax.parallel import mesh as mesh_lib
+    from cosmos_jax.text import embed as text_embed
+    from tests import tiny_qwen
+
+    spec = layout.SampleSpec(num_frames=5, height=32, width=48)
+    files = layout.index_dataset(dataset, spec)
+    vae_cfg = wan_vae.WanVAEConfig.tiny(dtype=jnp.float32)
+    vae_params = wan_vae.init_params(vae_cfg, seed=1)
+    text_dir = str(tmp_path / "qwen")
+    tiny_qwen.build(text_dir)
+    embedder = text_embed.TextEmbedder.from_dir(text_dir, dtype=jnp.float32, param_dtype=jnp.float32)
+    dit_cfg = DiTConfig.tiny(crossattn_proj_in_channels=embedder.cfg.embedding_dim)
+    proj = dit_lib._crossattn_proj(dit_cfg).init(jax.random.key(0), jnp.zeros((1, 1, 192)))["params"]
+    expected = cache_lib.producer(vae_cfg=vae_cfg, vae_weights="", text_cfg=embedder.cfg, text_dir=text_dir,
+                                  projected_by="", spec=spec)
+    cache = cache_lib.Cache(str(tmp_path / "cache"), expected, create=True)
+    mesh = mesh_lib.make_mesh(data=8, fsdp=1)  # 14 videos padded to 16, split over the 8 fake devices
+    with jax.default_matmul_precision("highest"):
+        for f in files[:2]:
+            cache.write(f.name, cache_lib.encode_entry(layout.load_sample(f, spec), vae_params=vae_params,
+                                                       vae_cfg=vae_cfg, n_views=7, embedder=embedder,
+                                                       proj_params=proj, dit_cfg=dit_cfg, mesh=mesh))
+        # online path for one sample, view by view
+        sample = layout.load_sample(files[1], spec)
+        v = 4
+        x = wan_vae.uint8_to_unit(jnp.asarray(sample["control_input_hdmap_bbox"][v * 5:(v + 1) * 5])[None],
+                                  jnp.float32)
+        online_latent = np.asarray(wan_vae.encode(vae_params, x, vae_cfg))[0]
+        online_ctx = np.asarray(text_embed.project_context(
+            proj, jnp.asarray(embedder([sample["ai_caption"][v]])), dit_cfg))[0]
+    src = cache_lib.CachedSource(cache_lib.Cache(str(tmp_path / "cache"), expected), [f.name for f in files[:2]])
+    entry = src[1]
+    assert entry["latent"].shape == (7, 2, 4, 6, 16) and entry["context"].shape == (7 * 512, 32)
+    np.testing.assert_allclose(entry["latent_control"][v], online_latent, atol=1e-5)
+    np.testing.assert_allclose(entry["context"][v * 512:(v + 1) * 512], online_ctx, atol=1e-5)
+    assert list(entry["view_indices_selection"]) == list(range(7)) and str(entry["__key__"]) == files[1].name
+    # stale / foreign / incomplete caches are refused with the reason
+    stale = cache_lib.producer(vae_cfg=dataclasses.replace(vae_cfg, dim=16), vae_weights="", text_cfg=embedder.cfg,
+                               text_dir=text_dir, projected_by="", spec=spec)
+    with pytest.raises(cache_lib.CacheError, match=r"manifest\.json.*\n.*vae\.config\.dim: cache 8 vs now 16"):
+        cache_lib.Cache(str(tmp_path / "cache"), stale)
+    with pytest.raises(cache_lib.CacheError, match="synthetic_0002.npz"):
+        cache_lib.CachedSource(cache, [f.name for f in files])
+    with pytest.raises(cache_lib.CacheError, match="missing"):
+        cache_lib.Cache(str(tmp_path / "nothing"), expected)
+
+
+def test_precompute_tool_is_resumable_and_refuses_other_settings(tmp_path, capsys):
+    from cosmos_jax.data import cache as cache_lib
+    from tools import precompute
+
+    root = os.path.join(os.path.dirname(__file__), "..", "assets", "multiview_hdmap_posttrain_dataset")
+    args = ["--dataset", root, "--cache", str(tmp_path / "c"), "--tiny", "--height", "32", "--width", "48",
+            "--frames", "5"]
+    assert precompute.main(args) == 0
+    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "synthetic_0000.npz", "synthetic_0001.npz",
+                                                  "synthetic_0002.npz"]
+    assert precompute.main(args) == 0
+    assert "3 already cached" in capsys.readouterr().out
+    with pytest.raises(cache_lib.CacheError, match="spec.num_frames: cache 5 vs now 9"):
+        precompute.main(args[:-1] + ["9"])

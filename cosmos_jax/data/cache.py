@@ -1,0 +1,183 @@
+"""Offline cache of VAE latents and text contexts (the reference re-encodes every step; we encode once).
+
+Layout: `CACHE/manifest.json` says what produced the entries (VAE config + weight fingerprint, text encoder + weight
+fingerprint, whether contexts are projected by the DiT's frozen crossattn_proj, sample spec); `CACHE/<name>.npz`
+holds one sample: `latent` and `latent_control` (V, t, h, w, 16) float32, `context` (V * 512, C) float32 (C = 1024
+projected, 100352 raw), `view_indices_selection`, `fps`. Entries are written atomically; a run skips the ones that
+exist (resumable). Opening a cache whose manifest differs from what the current config would produce is an error
+naming the differing fields, never a silent use of stale latents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class CacheError(ValueError):
+    """A stale, foreign or damaged cache (the message names the file and what differs)."""
+
+
+def fingerprint(path: str) -> dict:
+    """Identity of a weight file or directory without hashing gigabytes: names, sizes, mtimes, + a short hash."""
+    if not path:
+        return {"path": "", "random_init": True}
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, path) if f != path else os.path.basename(f)}:{st.st_size}:{int(st.st_mtime)}"
+                 .encode())
+    return {"path": os.path.abspath(path), "files": len(files), "digest": h.hexdigest()[:16]}
+
+
+def producer(*, vae_cfg, vae_weights: str, text_cfg, text_dir: str, projected_by: str | None, spec) -> dict:
+    """What a cache entry depends on; compared field by field on open."""
+    def plain(obj):
+        return {k: (str(v) if not isinstance(v, (int, float, bool, str, tuple, list, type(None))) else v)
+                for k, v in sorted(vars(obj).items())} if obj is not None else None
+
+    return {"format": FORMAT,
+            "vae": {"config": {k: v for k, v in plain(vae_cfg).items()
+                               if k not in ("encode_chunk", "decode_chunk", "batch_chunk", "conv_impl")},
+                    "weights": fingerprint(vae_weights)},
+            "text": {"config": {k: v for k, v in plain(text_cfg).items()
+                                if k not in ("attention_backend", "scan_layers")} if text_cfg else None,
+                     "weights": fingerprint(text_dir) if text_cfg else None,
+                     "projected_by": fingerprint(projected_by) if projected_by is not None else None},
+            "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(spec).items())}}
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [f"{prefix[:-1]}: cache {a!r} vs now {b!r}"] if a != b else []
+
+
+class Cache:
+    """Open (or create) a cache directory for one producer description."""
+
+    def __init__(self, root: str, expected: dict, *, create: bool = False):
+        self.root = os.fspath(root)
+        self.expected = _normalise(expected)
+        path = os.path.join(self.root, MANIFEST)
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = json.load(f)
+            diff = _diff(found, self.expected)
+            if diff:
+                raise CacheError(f"{path}: cache was made by another model/config; refusing it "
+                                 f"(delete it or point to another directory):\n  " + "\n  ".join(diff[:12]))
+        elif create:
+            os.makedirs(self.root, exist_ok=True)
+            _atomic_write(path, json.dumps(self.expected, indent=1).encode())
+        else:
+            raise CacheError(f"{path}: missing (not a cache directory; make one with tools/precompute.py)")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, f"{name}.npz")
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(self.path(name))
+
+    def write(self, name: str, arrays: dict) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        _atomic_write(self.path(name), buf.getvalue())
+
+    def read(self, name: str) -> dict:
+        path = self.path(name)
+        if not os.path.isfile(path):
+            raise CacheError(f"{path}: missing cache entry for sample {name} (run tools/precompute.py)")
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as e:
+            raise CacheError(f"{path}: damaged cache entry ({e})") from e
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class CachedSource:
+    """Grain random-access source over cached samples (same keys the train step uses from the raw path)."""
+
+    def __init__(self, cache: Cache, names):
+        self.cache, self.names = cache, list(names)
+        missing = [n for n in self.names if not cache.has(n)]
+        if missing:
+            raise CacheError(f"{cache.root}: no entries for {len(missing)} samples, e.g. {cache.path(missing[0])}")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        out = self.cache.read(self.names[i])
+        out["__key__"] = np.asarray(self.names[i])
+        return out
+
+
+def encode_entry(sample: dict, *, vae_params, vae_cfg, n_views: int, embedder=None, proj_params=None,
+                 dit_cfg=None, mesh=None) -> dict:
+    """Cache arrays of one raw sample (`layout.load_sample`): VAE latents of every view and control view (one batch,
+    sharded over `mesh`'s devices when given) and, with an embedder, the per-view text context (projected when
+    `proj_params` - the DiT's crossattn_proj - are given)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from cosmos_jax.text import embed as text_embed
+
+    frames = np.concatenate([sample["video"], sample["control_input_hdmap_bbox"]])
+    t = frames.shape[0] // (2 * n_views)
+    x = frames.reshape((2 * n_views, t) + frames.shape[1:])
+    cfg = vae_cfg
+    if mesh is not None and mesh.size > 1:
+        pad = -len(x) % mesh.size
+        x = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+        cfg = dataclasses.replace(vae_cfg, batch_chunk=0)  # the batch is split over devices instead
+        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names)))
+    lat = np.asarray(_encode_jit(cfg)(vae_params, x))[: 2 * n_views]
+    out = {"latent": lat[:n_views], "latent_control": lat[n_views:],
+           "view_indices_selection": np.asarray(sample["view_indices_selection"]),
+           "fps": np.asarray(sample["fps"], np.float32)}
+    if embedder is not None:
+        context = text_embed.assemble_views(embedder(list(sample["ai_caption"])))
+        if proj_params is not None:
+            context = np.asarray(text_embed.project_context(proj_params, jnp.asarray(context)[None], dit_cfg)[0])
+        out["context"] = np.asarray(context, np.float32)
+    return out
+
+
+_ENCODERS: dict = {}
+
+
+def _encode_jit(cfg):
+    import jax
+
+    from cosmos_jax.models import wan_vae
+
+    if cfg not in _ENCODERS:
+        _ENCODERS[cfg] = jax.jit(lambda p, x: wan_vae.encode(p, wan_vae.uint8_to_unit(x, cfg.dtype), cfg))
+    return _ENCODERS[cfg]
