@@ -77,3 +77,13 @@ def restore_iterator(it, state: bytes) -> None:
 def to_numpy_batch(batch: dict) -> dict:
     """Grain batches strings as numpy unicode arrays already; this keeps only array values (drops None)."""
     return {k: np.asarray(v) for k, v in batch.items() if v is not None}
+
+
+def make_source(dataset_root: str, spec: layout.SampleSpec, *, cache=None, skip_bad: bool = False):
+    """The training source: cached latents + contexts when a `cache.Cache` is given, raw videos otherwise."""
+    samples = layout.index_dataset(dataset_root, spec, skip_bad=skip_bad, probe=cache is None)
+    if cache is not None:
+        from cosmos_jax.data.cache import CachedSource
+
+        return CachedSource(cache, [s.name for s in samples])
+    return MultiviewSource(samples, spec)
