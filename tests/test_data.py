@@ -204,3 +204,11 @@ def test_precompute_tool_is_resumable_and_refuses_other_settings(tmp_path, capsy
     assert "3 already cached" in capsys.readouterr().out
     with pytest.raises(cache_lib.CacheError, match="spec.num_frames: cache 5 vs now 9"):
         precompute.main(args[:-1] + ["9"])
+
+
+def test_worker_processes_give_the_same_batches(dataset):
+    source = pipeline.MultiviewSource(layout.index_dataset(dataset, SPEC), layout.SampleSpec(height=32, width=48))
+    cfg = dict(batch_size=1, seed=5, num_epochs=1, read_threads=1)
+    local = [str(b["__key__"][0]) for b in pipeline.make_dataset(source, pipeline.LoaderConfig(**cfg))]
+    it = pipeline.make_dataset(source, pipeline.LoaderConfig(**cfg, num_workers=2))
+    assert [str(b["__key__"][0]) for b in it] == local

@@ -60,6 +60,10 @@ def make_dataset(source, cfg: LoaderConfig, *, process_index: int = 0, process_c
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=max(cfg.prefetch, cfg.read_threads)))
     if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; entry points without absl.app have none
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                          per_worker_buffer_size=cfg.prefetch))
     return it
