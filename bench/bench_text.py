@@ -135,9 +135,9 @@ def main(argv=None) -> None:
         args.batch = int(args.batch)
         args.unrolled = bool(int(args.unrolled))
         if args.run_part == "matmul":
-            from bench.common import matmul_rate
+            from bench.common import best_matmul_rate
 
-            return emit({"part": "matmul", "flops_per_s": max(matmul_rate(8192, 16), matmul_rate(16384, 4))})
+            return emit({"part": "matmul", "flops_per_s": best_matmul_rate()})
         return {"jax": part_jax, "transformers": part_transformers}[args.run_part](args)
     records = []
     for part in args.parts.split(","):

@@ -31,6 +31,11 @@ def matmul_rate(n=8192, chain=16):
     return chain * 2 * n ** 3 / t
 
 
+def best_matmul_rate() -> float:
+    """The in-run baseline every benchmark divides by: the better of 8192^3 x16 and 16384^3 x4 bf16 chains."""
+    return max(matmul_rate(8192, 16), matmul_rate(16384, 4))
+
+
 def emit(record: dict) -> None:
     """One measurement, as a line the parent process collects (see run_isolated)."""
     import json

@@ -85,6 +85,14 @@ def read_caption(path: str) -> str:
     return data["caption"]
 
 
+def _caption_names(root: str, spec: SampleSpec) -> tuple[str, list[str]]:
+    """(caption folder, sorted sample names): a sample is a caption stem (dataloader_local.py)."""
+    cap_dir = os.path.join(root, CAPTION_DIR, f"ftheta_{spec.caption_camera}")
+    if not os.path.isdir(cap_dir):
+        raise DatasetError(f"{cap_dir}: missing (the caption folder of the dataset)")
+    return cap_dir, sorted(f[:-5] for f in os.listdir(cap_dir) if f.endswith(".json"))
+
+
 def check_sample(files: SampleFiles, spec: SampleSpec, *, probe: bool = True) -> list[str]:
     """Every problem of one sample (empty when usable), each naming its file."""
     problems = []
@@ -122,10 +130,7 @@ def index_dataset(root: str | os.PathLike, spec: SampleSpec = SampleSpec(), *, s
     """Samples of the dataset (sorted by name); the first problem raises DatasetError, or with skip_bad the
     sample is skipped with a warning. `probe` opens every video (fps, length, decodability)."""
     root = os.fspath(root)
-    cap_dir = os.path.join(root, CAPTION_DIR, f"ftheta_{spec.caption_camera}")
-    if not os.path.isdir(cap_dir):
-        raise DatasetError(f"{cap_dir}: missing (the caption folder of the dataset)")
-    names = sorted(f[:-5] for f in os.listdir(cap_dir) if f.endswith(".json"))
+    cap_dir, names = _caption_names(root, spec)
     if not names:
         raise DatasetError(f"{cap_dir}: no caption .json files")
     samples = []
@@ -147,10 +152,10 @@ def index_dataset(root: str | os.PathLike, spec: SampleSpec = SampleSpec(), *, s
 def validate(root: str | os.PathLike, spec: SampleSpec = SampleSpec()) -> tuple[int, dict[str, list[str]]]:
     """(number of samples, {sample name: problems}) for the whole dataset; never raises on sample problems."""
     root = os.fspath(root)
-    cap_dir = os.path.join(root, CAPTION_DIR, f"ftheta_{spec.caption_camera}")
-    if not os.path.isdir(cap_dir):
-        return 0, {"<dataset>": [f"{cap_dir}: missing (the caption folder of the dataset)"]}
-    names = sorted(f[:-5] for f in os.listdir(cap_dir) if f.endswith(".json"))
+    try:
+        cap_dir, names = _caption_names(root, spec)
+    except DatasetError as e:
+        return 0, {"<dataset>": [str(e)]}
     bad = {}
     for name in names:
         problems = check_sample(_paths(root, name, spec), spec)

@@ -12,8 +12,6 @@ import dataclasses
 import json
 from typing import Sequence
 
-import numpy as np
-
 from cosmos_jax.data import layout
 
 
@@ -76,11 +74,6 @@ def iterator_state(it) -> bytes:
 
 def restore_iterator(it, state: bytes) -> None:
     it.set_state(json.loads(state.decode()))
-
-
-def to_numpy_batch(batch: dict) -> dict:
-    """Grain batches strings as numpy unicode arrays already; this keeps only array values (drops None)."""
-    return {k: np.asarray(v) for k, v in batch.items() if v is not None}
 
 
 def make_source(dataset_root: str, spec: layout.SampleSpec, *, cache=None, skip_bad: bool = False):

@@ -438,32 +438,20 @@ def init_params(cfg: WanVAEConfig, seed: int = 0) -> dict:
     return jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
 
 
-def _chunks(x: Array, first: int, size: int):
-    """(head, body (K, N, size, ...) or None, tail or None) along axis 1 after the first `first` frames."""
-    head, rest = x[:, :first], x[:, first:]
-    t = rest.shape[1]
-    if size == 0 or t == 0:
-        return head, None, (rest if t else None)
-    k = t // size
-    body = rest[:, : k * size]
-    body = body.reshape((body.shape[0], k, size) + body.shape[2:]).swapaxes(0, 1) if k else None
-    tail = rest[:, k * size:] if t % size else None
-    return head, body, tail
-
-
 def _stream(step, x: Array, size: int) -> Array:
-    """Frame 0 alone, then `size`-frame chunks under lax.scan (causal caches as the carry), then the remainder."""
-    head, body, tail = _chunks(x, 1, size)
-    if size == 0 and tail is not None:  # whole clip in one call
+    """Frame 0 alone, then `size`-frame chunks under lax.scan (causal caches as the carry), then the remainder;
+    size 0 = the whole clip in one call."""
+    if size == 0:
         return step(x, None)[0]
-    outs = []
-    y, cache = step(head, None)
-    outs.append(y)
-    if body is not None:
+    y, cache = step(x[:, :1], None)
+    outs, rest = [y], x[:, 1:]
+    k = rest.shape[1] // size
+    if k:
+        body = rest[:, : k * size].reshape((rest.shape[0], k, size) + rest.shape[2:]).swapaxes(0, 1)
         cache, ys = jax.lax.scan(lambda c, xc: step(xc, c)[::-1], cache, body)
         outs.append(ys.swapaxes(0, 1).reshape((ys.shape[1], -1) + ys.shape[3:]))
-    if tail is not None:
-        outs.append(step(tail, cache)[0])
+    if rest.shape[1] % size:
+        outs.append(step(rest[:, k * size:], cache)[0])
     return jnp.concatenate(outs, axis=1)
 
 
