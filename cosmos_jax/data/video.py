@@ -98,7 +98,9 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int] | None = None, *
         if last is None or last >= 0:
             for frame in container.decode(st):
                 if keep is None or decoded in keep:
-                    frames[decoded] = frame.to_ndarray(format="rgb24")
+                    # threads=1: swscale's default (a thread per host core, PyAV >= 17) fails with EAGAIN
+                    # inside VMs and loader workers; one frame's colour conversion is cheap.
+                    frames[decoded] = frame.to_ndarray(format="rgb24", threads=1)
                 decoded += 1
                 if last is not None and decoded > last:
                     break
