@@ -212,3 +212,28 @@ def test_worker_processes_give_the_same_batches(dataset):
     local = [str(b["__key__"][0]) for b in pipeline.make_dataset(source, pipeline.LoaderConfig(**cfg))]
     it = pipeline.make_dataset(source, pipeline.LoaderConfig(**cfg, num_workers=2))
     assert [str(b["__key__"][0]) for b in it] == local
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_grain_iterator_state_lives_in_an_orbax_training_checkpoint(dataset, tmp_path, workers):
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    source = pipeline.MultiviewSource(layout.index_dataset(dataset, SPEC), layout.SampleSpec(height=32, width=48))
+    cfg = pipeline.LoaderConfig(batch_size=1, seed=5, num_workers=workers, read_threads=1, prefetch=1)
+    it = iter(pipeline.make_dataset(source, cfg))
+    _keys(it, 2)
+    state = {"step": np.array(2, np.int32), "w": np.arange(6, dtype=np.float32)}
+    with ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("state", "data")) as mgr:
+        mgr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=pipeline.checkpoint_save_args(it)))
+        mgr.wait_until_finished()
+    expected = _keys(it, 4)
+    assert _keys(iter(pipeline.make_dataset(source, cfg)), 4) != expected  # a fresh iterator starts elsewhere
+    again = iter(pipeline.make_dataset(source, cfg))
+    with ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("state", "data")) as mgr:
+        assert mgr.latest_step() == 2
+        restored = mgr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                          data=pipeline.checkpoint_restore_args(again)))
+    np.testing.assert_array_equal(restored["state"]["w"], state["w"])
+    assert _keys(again, 4) == expected

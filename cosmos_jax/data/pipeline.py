@@ -69,6 +69,21 @@ def make_dataset(source, cfg: LoaderConfig, *, process_index: int = 0, process_c
     return it
 
 
+def checkpoint_save_args(it):
+    """Orbax args that store this process's iterator position inside a training checkpoint: put it in the
+    `ocp.args.Composite` next to the train state (Grain writes one file per process)."""
+    import grain
+
+    return grain.checkpoint.CheckpointSave(it)
+
+
+def checkpoint_restore_args(it):
+    """Orbax args that move a freshly built iterator (same source and `LoaderConfig`) to the saved position."""
+    import grain
+
+    return grain.checkpoint.CheckpointRestore(it)
+
+
 def iterator_state(it) -> bytes:
     """The iterator position as bytes (stored next to the train state in the checkpoint)."""
     return json.dumps(it.get_state()).encode()
