@@ -14,7 +14,8 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from cosmos_jax.models import build, dit as dit_lib
+from cosmos_jax import build
+from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.parallel import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/transfer2_auto_multiview.py:tiny", "config file",
@@ -25,7 +26,7 @@ def run(config) -> np.ndarray:
     mesh = mesh_lib.make_mesh(**config.mesh)
     cfg = build.dit_config_from(config.model)
     with jax.set_mesh(mesh):
-        params, cfg = build.init_params(cfg, mesh, seed=config.seed, weights=config.model.weights)
+        params = build.init_params(cfg, mesh, seed=config.seed, weights=config.model.weights)
         s = config.shape
         inputs = dit_lib.random_inputs(cfg, jax.random.key(config.seed + 1), batch=s.batch, n_views=s.views,
                                        height=s.height, width=s.width)

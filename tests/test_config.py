@@ -7,7 +7,7 @@ import pytest
 
 from configs import transfer2_auto_multiview as cfg_file
 from cosmos_jax import forward
-from cosmos_jax.models import build
+from cosmos_jax import build
 from cosmos_jax.models.dit_config import DiTConfig
 
 

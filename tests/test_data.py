@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cosmos_jax.data import cameras as cams
+from cosmos_jax import cameras as cams
 from cosmos_jax.data import layout, pipeline, video
 from tools import make_sample_dataset, validate_dataset
 

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cosmos_jax import parity
+from tools import parity
 from cosmos_jax.models import dit as dit_lib, rope as rope_lib
-from tools import parity as parity_cli
 
 TOL = 1e-4  # fixture README: a correct fp32 port lands near 1e-5; >= 1e-2 is a bug
 
@@ -62,7 +61,7 @@ def test_converted_ema_checkpoints_end_to_end(dit_parity, case_a, which, key):
 
 def test_parity_cli_writes_output(case_a, tmp_path):
     out_path = tmp_path / "out.npz"
-    parity_cli.main(["dit", "--case", str(case_a), "--out", str(out_path)])
+    parity.main(["dit", "--case", str(case_a), "--out", str(out_path)])
     out = np.load(out_path)["out_B_C_T_H_W"]
     ref = np.load(case_a / "output.npz")["out_B_C_T_H_W"]
     assert np.max(np.abs(out - ref)) <= TOL

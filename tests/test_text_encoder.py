@@ -154,7 +154,7 @@ def test_fsdp_sharded_encoder_equals_single_device(embedder):
 
 
 def test_per_view_captions_and_assembly():
-    from cosmos_jax.data import cameras
+    from cosmos_jax import cameras
 
     train = text_embed.training_view_captions("A truck.")
     assert len(train) == 7
@@ -172,7 +172,7 @@ def test_per_view_captions_and_assembly():
 
 
 def test_projected_context_shortcut(case_a):
-    from cosmos_jax import parity
+    from tools import parity
 
     cfg = parity.load_case_config(str(case_a))
     params, cfg = parity.load_case_params(str(case_a), cfg)
@@ -204,12 +204,11 @@ def test_embedder_from_config_section(model_dir, embedder):
 
 
 def test_parity_cli_text(model_dir, embedder, tmp_path):
-    from tools import parity as parity_cli
 
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps(CAPTIONS))
     out = tmp_path / "text.npz"
-    parity_cli.main(["text", "--model-dir", model_dir, "--captions", str(captions), "--out", str(out)])
+    parity.main(["text", "--model-dir", model_dir, "--captions", str(captions), "--out", str(out)])
     data = np.load(out)
     np.testing.assert_array_equal(data["token_ids"], embedder.tokenizer.ids(CAPTIONS))
     with jax.default_matmul_precision("highest"):

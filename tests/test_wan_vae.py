@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cosmos_jax import parity
+from tools import parity
 from cosmos_jax.models import wan_vae
 from cosmos_jax.weights import vae_keymap
-from tools import parity as parity_cli
 
 LATENT_TOL, RECON_TOL, INTER_TOL = 1e-5, 5e-5, 2e-5  # wan_vae/README.md suggested fp32 tolerances
 
@@ -38,7 +37,7 @@ def test_case_a_intermediates_match_reference(vae_case_a):
 
 def test_parity_cli_writes_outputs(vae_case_a, tmp_path):
     out_path = tmp_path / "vae.npz"
-    parity_cli.main(["vae", "--case", str(vae_case_a), "--out", str(out_path)])
+    parity.main(["vae", "--case", str(vae_case_a), "--out", str(out_path)])
     out, ref = np.load(out_path), np.load(vae_case_a / "io.npz")
     assert np.max(np.abs(out["latent"] - ref["latent"])) <= LATENT_TOL
     assert np.max(np.abs(out["recon"] - ref["recon"])) <= RECON_TOL

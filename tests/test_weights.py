@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cosmos_jax import parity
+from tools import parity
 from cosmos_jax.weights import keymap, torch_io
 
 
@@ -19,8 +19,8 @@ def case(case_a):
 
 def test_round_trip_reproduces_every_reference_tensor(case):
     cfg, sd = case
-    params, cfg2, extras = keymap.reference_to_flax(sd, cfg)
-    back = keymap.flax_to_reference(params, cfg2, extras=extras)
+    params, extras = keymap.reference_to_flax(sd, cfg)
+    back = keymap.flax_to_reference(params, cfg, extras=extras)
     assert set(back) == set(sd)
     for key, val in sd.items():
         assert back[key].dtype == val.dtype, key
@@ -36,7 +36,7 @@ def test_pt_with_net_prefix_and_extra_state(case, tmp_path):
     tsd["net_ema.x_embedder.proj.1.weight"] = torch.zeros(1)  # other prefix: must be ignored
     path = tmp_path / "model.pt"
     torch.save(tsd, path)
-    params, _, _ = keymap.reference_to_flax(torch_io.load_state_dict(path), cfg)
+    params, _ = keymap.reference_to_flax(torch_io.load_state_dict(path), cfg)
     np.testing.assert_array_equal(params["x_embedder"]["kernel"], sd["x_embedder.proj.1.weight"].T)
     np.testing.assert_array_equal(params["blocks"]["block"]["mlp"]["layer1"]["kernel"][3],
                                   sd["blocks.3.mlp.layer1.weight"].T)
@@ -50,11 +50,41 @@ def test_bf16_rope_buffers_are_recognised(case):
                for n in range(1, 8)
                for name, arr in (("dim_spatial_range", spatial), ("dim_temporal_range", temporal),
                                  ("seq", np.arange(big.rope_max_len, dtype=np.float32)))}
-    assert keymap._check_rope_buffers(big, rounded, "x") is True
+    assert keymap.rope_ranges_of(rounded, big, source="x") is True
     exact = {k: v.astype(np.float32) if "seq" in k else v for k, v in rounded.items()}
     exact.update({f"pos_embedder_options.n_cameras_{n}.dim_spatial_range": spatial for n in range(1, 8)})
     with pytest.raises(keymap.WeightsError, match="partly bf16-rounded"):
-        keymap._check_rope_buffers(big, exact, "x")
+        keymap.rope_ranges_of(exact, big, source="x")
+
+
+def test_import_checks_the_rope_variant_against_the_config_and_never_changes_it(case):
+    cfg, sd = case
+    big = dataclasses.replace(cfg, model_channels=cfg.num_heads * 128)
+    spatial, _ = keymap.rope_lib.rope_ranges(big)
+    assert not np.array_equal(spatial.astype(ml_dtypes.bfloat16).astype(np.float32), spatial)
+    # the fixture's own buffers (head_dim 16) are exact: a config that claims bf16-rounded buffers is refused,
+    # unless both variants coincide at this head_dim (then either setting is accepted)
+    variant = keymap.rope_ranges_of(sd, cfg)
+    if variant is None:
+        keymap.reference_to_flax(sd, dataclasses.replace(cfg, rope_ranges_bf16=True))
+    else:
+        with pytest.raises(keymap.WeightsError, match="model.rope_ranges_bf16"):
+            keymap.reference_to_flax(sd, dataclasses.replace(cfg, rope_ranges_bf16=not variant), source="w.pt")
+    rounded = {k: (v.astype(ml_dtypes.bfloat16).astype(np.float32) if "range" in k else v) for k, v in sd.items()}
+    if keymap.rope_ranges_of(rounded, cfg):
+        with pytest.raises(keymap.WeightsError, match="rope_ranges_bf16=True"):
+            keymap.reference_to_flax(rounded, cfg, source="w.pt")
+        keymap.reference_to_flax(rounded, dataclasses.replace(cfg, rope_ranges_bf16=True))
+
+
+def test_equal_configs_hash_equal_whatever_the_dtype_spelling():
+    import jax.numpy as jnp
+
+    from cosmos_jax.models.dit_config import DiTConfig
+
+    a, b = DiTConfig.tiny(dtype=jnp.bfloat16), DiTConfig.tiny(dtype="bfloat16")
+    assert a == b and hash(a) == hash(b)
+    assert DiTConfig.tiny(dtype=jnp.float32) != a
 
 
 @pytest.mark.parametrize("mutate,pattern", [

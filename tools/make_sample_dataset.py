@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from cosmos_jax.data import cameras as cams  # noqa: E402
+from cosmos_jax import cameras as cams  # noqa: E402
 from cosmos_jax.data import video  # noqa: E402
 
 # camera heading (degrees, left positive) and horizontal field of view

@@ -1,4 +1,4 @@
-"""Run a reference parity case through the JAX port and write its output.
+"""Run a reference parity case (the fixture formats of `shared/parity/*`) through the JAX port and write its output.
 
     python tools/parity.py dit --case ../shared/parity/dit_control/caseA --out /tmp/out.npz
     python tools/parity.py dit --case DIR --weights DIR/../dcp/converted/model_ema_fp32.pt --out OUT.npz
@@ -9,14 +9,177 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cosmos_jax import parity  # noqa: E402
+from cosmos_jax import build  # noqa: E402
+from cosmos_jax.models import dit as dit_lib  # noqa: E402
+from cosmos_jax.models.dit_config import DiTConfig  # noqa: E402
+
+_INPUT_NAMES = ("x_B_C_T_H_W", "timesteps_B_T", "crossattn_emb", "latent_control_input",
+                "condition_video_input_mask_B_C_T_H_W", "padding_mask", "view_indices_B_T")
+
+
+def load_case_config(case_dir: str, **overrides) -> DiTConfig:
+    path = os.path.join(case_dir, "case.json")
+    with open(path) as f:
+        case = json.load(f)
+    if "constructor_kwargs_tiny" not in case:
+        raise KeyError(f"{path}: no 'constructor_kwargs_tiny' field")
+    return DiTConfig.from_reference_kwargs(case["constructor_kwargs_tiny"], dtype=jnp.float32, **overrides)
+
+
+def load_case_inputs(inputs_path: str) -> dict:
+    """Forward kwargs of our DiT from a reference `inputs.npz` (control_context_scale -> control_weight)."""
+    data = np.load(inputs_path)
+    missing = [k for k in _INPUT_NAMES + ("control_context_scale",) if k not in data.files]
+    if missing:
+        raise KeyError(f"{inputs_path}: missing inputs {missing}")
+    args = {k: jnp.asarray(data[k]) for k in _INPUT_NAMES}
+    args["control_weight"] = float(data["control_context_scale"])
+    return args
+
+
+def load_case_params(case_dir: str, cfg: DiTConfig, weights: str | None = None):
+    """(params, cfg) of a case: the config follows the weight file's RoPE buffer variant (bf16-rounded in the
+    converter's `model_ema_bf16.pt`), since a case has no config of ours to say it."""
+    import dataclasses
+
+    from cosmos_jax.weights import keymap, torch_io
+
+    path = weights or os.path.join(case_dir, "weights.safetensors")
+    sd = torch_io.load_state_dict(path)
+    variant = keymap.rope_ranges_of(sd, cfg, source=path)
+    cfg = dataclasses.replace(cfg, rope_ranges_bf16=bool(variant))
+    params, _ = keymap.reference_to_flax(sd, cfg, source=path)
+    return params, cfg
+
+
+def run_dit_case(case_dir: str, *, weights: str | None = None, inputs: str | None = None,
+                 capture_intermediates: bool = False, **overrides):
+    """fp32 forward of a parity case; returns out_B_C_T_H_W (and the sown intermediates when asked)."""
+    cfg = load_case_config(case_dir, **overrides)
+    params, cfg = load_case_params(case_dir, cfg, weights)
+    args = load_case_inputs(inputs or os.path.join(case_dir, "inputs.npz"))
+    model = dit_lib.MultiViewControlDiT(cfg)
+    with jax.default_matmul_precision("highest"):
+        if capture_intermediates:
+            out, state = model.apply({"params": params}, **args, mutable=["intermediates"])
+            return np.asarray(out), jax.tree.map(np.asarray, state["intermediates"])
+        return np.asarray(jax.jit(lambda p, a: model.apply({"params": p}, **a))(params, args))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan2.1 VAE cases (`shared/parity/wan_vae/*`: manifest.json, weights.safetensors, io.npz with x in NCTHW)
+
+
+def load_vae_case_config(case_dir: str, **overrides):
+    from cosmos_jax.models import wan_vae
+
+    path = os.path.join(case_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    if "model_config_effective" not in manifest:
+        raise KeyError(f"{path}: no 'model_config_effective' field")
+    overrides.setdefault("dtype", jnp.float32)
+    return wan_vae.WanVAEConfig.from_reference_kwargs(manifest["model_config_effective"], **overrides)
+
+
+def _ncthw_to_nthwc(a):
+    return np.moveaxis(np.asarray(a), 1, -1)
+
+
+def _nthwc_to_ncthw(a):
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def run_vae_case(case_dir: str, *, x: np.ndarray | None = None, **overrides) -> dict[str, np.ndarray]:
+    """fp32 encode then decode of a VAE case; returns mu_raw, logvar_raw, latent, recon in the reference NCTHW."""
+    from cosmos_jax.models import wan_vae
+    from cosmos_jax.weights import vae_keymap
+
+    cfg = load_vae_case_config(case_dir, **overrides)
+    params, cfg = vae_keymap.load_vae_params(os.path.join(case_dir, "weights.safetensors"), cfg)
+    io_path = os.path.join(case_dir, "io.npz")
+    if x is None:
+        data = np.load(io_path)
+        if "x" not in data.files:
+            raise KeyError(f"{io_path}: no 'x' array")
+        x = data["x"]
+    x = jnp.asarray(_ncthw_to_nthwc(x), jnp.float32)
+    mean, inv_std = wan_vae.latent_scale()
+    with jax.default_matmul_precision("highest"):
+        mu, logvar = jax.jit(wan_vae.encode_moments, static_argnums=2)(params, x, cfg)
+        latent = (mu - mean) * inv_std
+        recon = jax.jit(wan_vae.decode, static_argnums=2)(params, latent, cfg)
+    return {"mu_raw": _nthwc_to_ncthw(mu), "logvar_raw": _nthwc_to_ncthw(logvar),
+            "latent": _nthwc_to_ncthw(latent), "recon": _nthwc_to_ncthw(recon)}
+
+
+def vae_case_intermediates(case_dir: str, **overrides) -> dict[str, np.ndarray]:
+    """Whole-clip (unchunked) activations named like the case's `intermediates.npz` (NCTHW)."""
+    from cosmos_jax.models import wan_vae
+    from cosmos_jax.weights import vae_keymap
+
+    cfg = load_vae_case_config(case_dir, **overrides)
+    params, cfg = vae_keymap.load_vae_params(os.path.join(case_dir, "weights.safetensors"), cfg)
+    x = jnp.asarray(_ncthw_to_nthwc(np.load(os.path.join(case_dir, "io.npz"))["x"]), jnp.float32)
+    model = wan_vae.WanVAE(cfg)
+    mean, inv_std = wan_vae.latent_scale()
+    with jax.default_matmul_precision("highest"):
+        (mu, _, _), enc = model.apply({"params": params}, x, method=wan_vae.WanVAE.encode_chunk,
+                                      mutable=["intermediates"])
+        z = ((mu - mean) * inv_std) / inv_std + mean
+        _, dec = model.apply({"params": params}, z, method=wan_vae.WanVAE.decode_chunk, mutable=["intermediates"])
+    acts = {"dec_z_unnorm": z}
+    for tree in (enc["intermediates"], dec["intermediates"]):
+        for kp, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda a: isinstance(a, tuple))[0]:
+            acts[".".join(k.key for k in kp).removesuffix(".out")] = v[0]
+    return {name: _nthwc_to_ncthw(v) for name, v in acts.items()}
+
+
+def vae_intermediate_key(fixture_name: str) -> str:
+    """Fixture intermediate name (`enc_down5_resample3d`, `dec_mid1_attn`, ...) -> our module path."""
+    import re
+
+    fixed = {"enc_conv1": "encoder.conv1", "enc_head_out": "encoder.head", "dec_conv1": "decoder.conv1",
+             "vae_conv2_out": "conv2", "dec_z_unnorm": "dec_z_unnorm"}
+    if fixture_name in fixed:
+        return fixed[fixture_name]
+    m = re.match(r"(enc|dec)_(down|up|mid)(\d+)", fixture_name)
+    if not m:
+        raise KeyError(f"unknown VAE intermediate name {fixture_name!r}")
+    side = {"enc": "encoder", "dec": "decoder"}[m.group(1)]
+    group = {"down": "downsamples", "up": "upsamples", "mid": "middle"}[m.group(2)]
+    return f"{side}.{group}.{m.group(3)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text encoder: a local Hugging Face Qwen2.5-VL directory + a JSON list of captions
+
+
+def run_text_case(model_dir: str, captions_json: str) -> dict[str, np.ndarray]:
+    """fp32 recipe embeddings [N, 512, layers*hidden] and token ids [N, 512] of every caption in the JSON list."""
+    from cosmos_jax.text import embed as text_embed
+
+    with open(captions_json) as f:
+        captions = json.load(f)
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{captions_json}: expected a JSON list of strings")
+    embedder = text_embed.TextEmbedder.from_dir(model_dir, dtype=jnp.float32, param_dtype=jnp.float32)
+    ids = embedder.tokenizer.ids(captions)
+    with jax.default_matmul_precision("highest"):
+        emb = embedder.embed_token_ids(ids)
+    return {"embeddings": emb, "token_ids": ids}
+
+
 
 
 def main(argv=None):
@@ -37,16 +200,16 @@ def main(argv=None):
     text.add_argument("--out", required=True, help="output .npz (embeddings [N, 512, layers*hidden], token_ids)")
     args = ap.parse_args(argv)
     if args.what == "text":
-        outs = parity.run_text_case(args.model_dir, args.captions)
+        outs = run_text_case(args.model_dir, args.captions)
         np.savez(args.out, **outs)
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
         return
     if args.what == "vae":
-        outs = parity.run_vae_case(args.case)
+        outs = run_vae_case(args.case)
         np.savez(args.out, **outs)
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
         return
-    out = parity.run_dit_case(args.case, weights=args.weights, inputs=args.inputs)
+    out = run_dit_case(args.case, weights=args.weights, inputs=args.inputs)
     np.savez(args.out, out_B_C_T_H_W=out)
     print(f"wrote {args.out}: out_B_C_T_H_W {out.shape} mean {out.mean():.6f} std {out.std():.6f}")
 

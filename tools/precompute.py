@@ -39,7 +39,8 @@ def main(argv=None) -> int:
 
     from cosmos_jax.data import cache as cache_lib
     from cosmos_jax.data import layout
-    from cosmos_jax.models import build, wan_vae
+    from cosmos_jax import build
+    from cosmos_jax.models import wan_vae
     from cosmos_jax.parallel import mesh as mesh_lib
 
     if not args.tiny and not args.vae_weights:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             from cosmos_jax.models.dit_config import DiTConfig
 
             dit_cfg = DiTConfig.real_2b()
-            dit_params, dit_cfg = build.load_reference_params(args.dit_weights, dit_cfg)[:2]
+            dit_params, _ = build.load_reference_params(args.dit_weights, dit_cfg)
             proj = jax.tree.map(jnp.asarray, dit_params["crossattn_proj"])
     expected = cache_lib.producer(vae_cfg=vae_cfg, vae_weights=args.vae_weights,
                                   text_cfg=embedder.cfg if embedder else None, text_dir=args.text_dir,

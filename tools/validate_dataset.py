@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cosmos_jax.data import cameras as cams  # noqa: E402
+from cosmos_jax import cameras as cams  # noqa: E402
 from cosmos_jax.data import layout  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import os
 import warnings
 import numpy as np
 
-from cosmos_jax.data import cameras as cams
+from cosmos_jax import cameras as cams
 from cosmos_jax.data import video
 
 VIDEO_DIR, CONTROL_DIR, CAPTION_DIR = "videos", "control_input_hdmap_bbox", "captions"

@@ -65,7 +65,8 @@ class DiTConfig:
     crossattn_emb_channels: int = 1024
     crossattn_tokens_per_view: int = 512  # hard-coded in the reference MultiViewCrossAttention
     # The reference's RoPE range buffers are part of its checkpoints; *_ema_bf16.pt holds them rounded to bf16 and
-    # the reference uses them as loaded. Set from the checkpoint on import (weights/keymap.py).
+    # the reference uses them as loaded. A config field (saved with our checkpoints); weight import verifies that
+    # the file agrees with it (weights/keymap.py) and never changes it.
     rope_ranges_bf16: bool = False
     # --- execution (ours) ---
     dtype: Any = jnp.bfloat16  # compute dtype of the blocks
@@ -74,6 +75,10 @@ class DiTConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
+        # jnp.bfloat16 (a scalar type), "bfloat16" and jnp.dtype("bfloat16") name one dtype: store one form so equal
+        # configs compare and hash equal (a jit static argument must not recompile for a spelling difference).
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
         if self.model_channels % self.num_heads:
             raise ValueError(f"model_channels {self.model_channels} not divisible by num_heads {self.num_heads}")
         if self.condition_strategy not in ("spaced", "first_n"):

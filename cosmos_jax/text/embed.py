@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cosmos_jax.data import cameras as cams
+from cosmos_jax import cameras as cams
 from cosmos_jax.models import text_encoder as te
 from cosmos_jax.parallel import mesh as mesh_lib
 

@@ -7,8 +7,9 @@ Linear weights are PyTorch [out, in] and Flax [in, out]; per-block tensors are s
 Non-parameter entries of reference checkpoints:
   * `*._extra_state` (Transformer Engine bookkeeping, empty): ignored.
   * `pos_embedder_options.n_cameras_{1..7}.{seq, dim_spatial_range, dim_temporal_range}`: RoPE buffers. We compute
-    them; on import they must equal ours, either exactly or rounded to bf16 (the `*_ema_bf16.pt` files), which
-    sets `DiTConfig.rope_ranges_bf16`. Anything else is an error, never silently ignored.
+    them; on import they must equal what `DiTConfig.rope_ranges_bf16` says (exact, or rounded to bf16 as in the
+    `*_ema_bf16.pt` files). Loading never changes the config: a mismatch is an error naming the config field
+    (`rope_ranges_of` tells which variant a file holds). Anything else is an error, never silently ignored.
   * `accum_*` scalars (training statistics of `WeightTrainingStat`): returned to the caller, written back on export.
 """
 
@@ -128,38 +129,45 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "net.") -> dict[st
     return dict(state_dict)
 
 
-def _check_rope_buffers(cfg: DiTConfig, buffers: dict[str, np.ndarray], source: str) -> bool:
-    """Validate RoPE buffers; return True when they are the bf16-rounded variant."""
+def rope_ranges_of(state_dict: Mapping[str, Any], cfg: DiTConfig, *, source: str = "state dict",
+                   prefix: str = "net.") -> bool | None:
+    """Which RoPE range variant a reference state dict holds: True = bf16-rounded, False = exact, None = the file
+    has no RoPE buffers or both variants are equal for this head_dim. Raises WeightsError on any other value."""
+    sd = strip_prefix(state_dict, prefix)
     exact = dataclasses.replace(cfg, rope_ranges_bf16=False)
     spatial, temporal = rope_lib.rope_ranges(exact)
     want = {"seq": np.arange(cfg.rope_max_len, dtype=np.float32), "dim_spatial_range": spatial,
             "dim_temporal_range": temporal}
     rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in want.items()}
     verdicts = set()
-    for key, arr in buffers.items():
-        name = _ROPE_RE.match(key).group(2)
+    for key, arr in sd.items():
+        m = _ROPE_RE.match(key)
+        if not m:
+            continue
+        name = m.group(2)
         got = np.asarray(arr).astype(np.float32)
         if got.shape != want[name].shape:
             raise WeightsError(f"{source}: {key} has shape {got.shape}, expected {want[name].shape}")
         if np.array_equal(got, want[name]):
-            verdicts.add("exact" if not np.array_equal(want[name], rounded[name]) else "either")
+            if not np.array_equal(want[name], rounded[name]):
+                verdicts.add(False)
         elif np.array_equal(got, rounded[name]):
-            verdicts.add("bf16")
+            verdicts.add(True)
         else:
             raise WeightsError(f"{source}: RoPE buffer {key} differs from what this head_dim/max size gives "
                                f"(max |diff| {np.max(np.abs(got - want[name])):.3g}); the checkpoint does not match "
                                "the config")
-    if {"exact", "bf16"} <= verdicts:
+    if len(verdicts) > 1:
         raise WeightsError(f"{source}: RoPE buffers are partly bf16-rounded and partly exact")
-    return "bf16" in verdicts
+    return verdicts.pop() if verdicts else None
 
 
 def reference_to_flax(state_dict: Mapping[str, Any], cfg: DiTConfig, *, source: str = "state dict",
                       prefix: str = "net."):
     """Map a reference state dict (numpy arrays, any float dtype) to Flax params (fp32 numpy by default).
 
-    Returns (params, cfg, extras): `cfg` with `rope_ranges_bf16` set from the buffers, and `extras` holding the
-    `accum_*` bookkeeping scalars. Raises WeightsError naming every problem at once.
+    Returns (params, extras): `extras` holds the `accum_*` bookkeeping scalars. Raises WeightsError naming every
+    problem at once, and when the RoPE buffers disagree with `cfg.rope_ranges_bf16`.
     """
     sd = strip_prefix(state_dict, prefix)
     sd = {k: v for k, v in sd.items() if not k.endswith("._extra_state")}
@@ -184,7 +192,11 @@ def reference_to_flax(state_dict: Mapping[str, Any], cfg: DiTConfig, *, source: 
         if wrong_shape:
             lines.append(f"  {len(wrong_shape)} shape mismatches: {wrong_shape[:20]}")
         raise WeightsError("\n".join(lines))
-    cfg = dataclasses.replace(cfg, rope_ranges_bf16=_check_rope_buffers(cfg, rope_buffers, source))
+    variant = rope_ranges_of(rope_buffers, cfg, source=source, prefix="")
+    if variant is not None and variant != cfg.rope_ranges_bf16:
+        raise WeightsError(f"{source}: the RoPE range buffers are {'bf16-rounded' if variant else 'exact'}, but the "
+                           f"config says model.rope_ranges_bf16={cfg.rope_ranges_bf16}; set "
+                           f"--config.model.rope_ranges_bf16={variant} (it is saved with the run's checkpoints)")
 
     params: dict = {}
     stacks: dict[tuple, list] = {}
@@ -196,7 +208,7 @@ def reference_to_flax(state_dict: Mapping[str, Any], cfg: DiTConfig, *, source: 
             stacks.setdefault(e.flax_path, []).append((e.layer, arr))
     for path, layers in stacks.items():
         _set(params, path, np.stack([a for _, a in sorted(layers, key=lambda t: t[0])]))
-    return params, cfg, extras
+    return params, extras
 
 
 def flax_to_reference(params, cfg: DiTConfig, *, extras: Mapping[str, Any] | None = None,

@@ -12,7 +12,7 @@ from cosmos_jax.parallel import mesh as mesh_lib
 from cosmos_jax.weights import keymap, torch_io, vae_keymap
 
 _ARCH_FIELDS = ("model_channels", "num_blocks", "num_heads", "adaln_lora_dim", "vace_block_every_n", "state_t",
-                "crossattn_proj_in_channels", "crossattn_emb_channels")
+                "crossattn_proj_in_channels", "crossattn_emb_channels", "rope_ranges_bf16")
 
 
 def dit_config_from(model_cfg) -> DiTConfig:
@@ -23,7 +23,7 @@ def dit_config_from(model_cfg) -> DiTConfig:
 
 
 def load_reference_params(path: str, cfg: DiTConfig, prefix: str = "net."):
-    """(params as fp32 numpy, cfg with checkpoint-derived flags, accum extras) from a reference weight file."""
+    """(params as fp32 numpy, accum extras) from a reference weight file that matches `cfg` (else WeightsError)."""
     sd = torch_io.load_state_dict(path)
     return keymap.reference_to_flax(sd, cfg, source=path, prefix=prefix)
 
@@ -31,16 +31,16 @@ def load_reference_params(path: str, cfg: DiTConfig, prefix: str = "net."):
 def init_params(cfg: DiTConfig, mesh, *, seed: int = 0, weights: str = ""):
     """Parameters sharded on `mesh` by the logical rules; from `weights` when given, else random.
 
-    Returns (params, cfg): cfg may change on import (RoPE buffer rounding of bf16 checkpoints).
+    The file must match `cfg` (shapes, and the RoPE buffer variant `cfg.rope_ranges_bf16`); nothing in `cfg` is
+    taken from the file.
     """
     abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(seed)))
     shardings = mesh_lib.param_shardings(abstract_boxed, mesh)
     if weights:
-        numpy_params, cfg, _ = load_reference_params(weights, cfg)
-        params = jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params, shardings)
-        return params, cfg
+        numpy_params, _ = load_reference_params(weights, cfg)
+        return jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params, shardings)
     init = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(seed))), out_shardings=shardings)
-    return init(), cfg
+    return init()
 
 
 def vae_config_from(vae_cfg) -> wan_vae.WanVAEConfig:
