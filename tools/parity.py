@@ -2,6 +2,7 @@
 
     python tools/parity.py dit --case ../shared/parity/dit_control/caseA --out /tmp/out.npz
     python tools/parity.py dit --case DIR --weights DIR/../dcp/converted/model_ema_fp32.pt --out OUT.npz
+    python tools/parity.py loss --case ../shared/parity/train_loss/lossA --out /tmp/loss.npz
     python tools/parity.py vae --case ../shared/parity/wan_vae/caseA --out /tmp/vae.npz
     python tools/parity.py text --model-dir /ckpts/Cosmos-Reason1-7B --captions captions.json --out /tmp/text.npz
 """
@@ -31,9 +32,11 @@ def load_case_config(case_dir: str, **overrides) -> DiTConfig:
     path = os.path.join(case_dir, "case.json")
     with open(path) as f:
         case = json.load(f)
-    if "constructor_kwargs_tiny" not in case:
-        raise KeyError(f"{path}: no 'constructor_kwargs_tiny' field")
-    return DiTConfig.from_reference_kwargs(case["constructor_kwargs_tiny"], dtype=jnp.float32, **overrides)
+    # DiT cases hold the kwargs at the top, training-loss cases under "network"
+    kwargs = case.get("constructor_kwargs_tiny", case.get("network", {}).get("constructor_kwargs_tiny"))
+    if kwargs is None:
+        raise KeyError(f"{path}: no 'constructor_kwargs_tiny' field (top level or under 'network')")
+    return DiTConfig.from_reference_kwargs(kwargs, dtype=jnp.float32, **overrides)
 
 
 def load_case_inputs(inputs_path: str) -> dict:
@@ -74,6 +77,41 @@ def run_dit_case(case_dir: str, *, weights: str | None = None, inputs: str | Non
             out, state = model.apply({"params": params}, **args, mutable=["intermediates"])
             return np.asarray(out), jax.tree.map(np.asarray, state["intermediates"])
         return np.asarray(jax.jit(lambda p, a: model.apply({"params": p}, **a))(params, args))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training-loss cases (`shared/parity/train_loss/*`: case.json with the net under "network", weights.safetensors,
+# inputs.npz with x0, eps, u, k, text-dropout flags and the net's conditions)
+
+_LOSS_INPUT_NAMES = ("x0_B_C_T_H_W", "epsilon_B_C_T_H_W", "u_B", "num_conditional_frames_B", "text_dropped_B",
+                     "latent_control_input", "crossattn_emb", "padding_mask", "view_indices_B_T", "control_weight")
+
+
+def run_loss_case(case_dir: str, *, weights: str | None = None, inputs: str | None = None) -> dict[str, np.ndarray]:
+    """fp32 reference training loss of a case (`flow.training_loss` on its net); every array of its output.npz."""
+    from cosmos_jax.diffusion import flow
+
+    cfg = load_case_config(case_dir)
+    params, cfg = load_case_params(case_dir, cfg, weights)
+    inputs_path = inputs or os.path.join(case_dir, "inputs.npz")
+    data = np.load(inputs_path)
+    missing = [k for k in _LOSS_INPUT_NAMES if k not in data.files]
+    if missing:
+        raise KeyError(f"{inputs_path}: missing inputs {missing}")
+    d = {k: jnp.asarray(data[k]) for k in _LOSS_INPUT_NAMES}
+    model = dit_lib.MultiViewControlDiT(cfg)
+
+    def loss_fn(p, d):
+        return flow.training_loss(
+            lambda **kw: model.apply({"params": p}, **kw), d["x0_B_C_T_H_W"], d["epsilon_B_C_T_H_W"], d["u_B"],
+            d["num_conditional_frames_B"], ~d["text_dropped_B"], crossattn_emb=d["crossattn_emb"],
+            latent_control_input=d["latent_control_input"], padding_mask=d["padding_mask"],
+            view_indices_B_T=d["view_indices_B_T"], control_weight=d["control_weight"], state_t=cfg.state_t,
+            compute_dtype=jnp.float32)
+
+    with jax.default_matmul_precision("highest"):
+        _, aux = jax.jit(loss_fn)(params, d)
+    return {k: np.asarray(v) for k, v in aux.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,6 +228,12 @@ def main(argv=None):
     dit.add_argument("--out", required=True, help="output .npz (key out_B_C_T_H_W)")
     dit.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
     dit.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    loss = sub.add_parser("loss", help="rectified-flow training loss of the multiview control DiT (fp32)")
+    loss.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
+    loss.add_argument("--out", required=True, help="output .npz (sigma, timesteps, x_t, v_target, net_x_input, "
+                      "net_out_raw, v_pred, per_sample_loss, loss, crossattn_emb_fed, condition_mask)")
+    loss.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
+    loss.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
     vae = sub.add_parser("vae", help="Wan2.1 VAE encode + decode (fp32)")
     vae.add_argument("--case", required=True, help="folder with manifest.json, weights.safetensors, io.npz (x)")
     vae.add_argument("--out", required=True, help="output .npz (mu_raw, logvar_raw, latent, recon; NCTHW)")
@@ -203,6 +247,11 @@ def main(argv=None):
         outs = run_text_case(args.model_dir, args.captions)
         np.savez(args.out, **outs)
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
+        return
+    if args.what == "loss":
+        outs = run_loss_case(args.case, weights=args.weights, inputs=args.inputs)
+        np.savez(args.out, **outs)
+        print(f"wrote {args.out}: loss {float(outs['loss']):.8f}, per_sample_loss {outs['per_sample_loss']}")
         return
     if args.what == "vae":
         outs = run_vae_case(args.case)
