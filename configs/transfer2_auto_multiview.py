@@ -104,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
     # mesh: data x fsdp x context x tensor; -1 fills the remaining devices
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
+    # num_devices > 0: use only the first that many devices (single process); 0 = all
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, num_devices=0))
     # sample shape for the forward demo / benchmarks
     c.shape = ml_collections.ConfigDict(dict(batch=1, views=7, height=90, width=160))
 
@@ -164,6 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data = _data(dataset_dir=os.path.join(_REPO, "assets", "multiview_hdmap_posttrain_dataset"),
                        num_frames=5, height=64, width=96, read_threads=2)
         c.shape.update(dict(views=3, height=8, width=12))
+        c.mesh.update(dict(fsdp=1, num_devices=1))  # one device (a CPU); e.g. --config.mesh.num_devices=0
+        #                                            --config.mesh.context=4 spreads it over 4 devices
         c.job.name = "tiny"
         c.optimizer.lr = 2e-3
         c.scheduler.warm_up_steps = 10

@@ -23,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/transfer2_auto_mult
 
 
 def run(config) -> np.ndarray:
-    mesh = mesh_lib.make_mesh(**config.mesh)
+    mesh = build.mesh_from(config.mesh)
     cfg = build.dit_config_from(config.model)
     with jax.set_mesh(mesh):
         params = build.init_params(cfg, mesh, seed=config.seed, weights=config.model.weights)

@@ -126,11 +126,14 @@ def test_grain_iterator_resumes_from_saved_state(dataset):
     assert _keys(again, 4) == expected
     epoch = [k for k, _ in first + expected[:1]]
     assert sorted(epoch) == ["synthetic_0000", "synthetic_0001", "synthetic_0002"]  # a permutation per epoch
-    # process shards are disjoint and cover the dataset
+    # two processes with 1 sample each load exactly the rows of the 2-sample global batches of one process
+    one = [[str(k) for k in b["__key__"]] for b in pipeline.make_dataset(
+        source, pipeline.LoaderConfig(batch_size=2, num_epochs=2, read_threads=1))]
     shards = [[str(b["__key__"][0]) for b in pipeline.make_dataset(
-        source, pipeline.LoaderConfig(batch_size=1, num_epochs=1, read_threads=1), process_index=p, process_count=2)]
+        source, pipeline.LoaderConfig(batch_size=1, num_epochs=2, read_threads=1), process_index=p, process_count=2)]
         for p in range(2)]
-    assert sorted(shards[0] + shards[1]) == ["synthetic_0000", "synthetic_0001", "synthetic_0002"]
+    assert len(one) == 3 and [list(r) for r in zip(*shards)] == one
+    assert sorted(one[0] + one[1] + one[2]) == sorted(["synthetic_0000", "synthetic_0001", "synthetic_0002"] * 2)
 
 
 def test_cache_round_trip_equals_online_path_and_stale_is_refused(dataset, tmp_path):

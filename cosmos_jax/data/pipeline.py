@@ -2,8 +2,11 @@
 and an iterator whose state is saved in / restored from the training checkpoint.
 
 The reference walks one fixed permutation (DistributedSampler(shuffle=True, seed=0), never `set_epoch`); here every
-epoch is reshuffled from the seed (Grain's `repeat` after `shuffle`), deterministically. Each JAX process reads its
-own slice `[process_index::process_count]` of the global order.
+epoch is reshuffled from the seed (Grain's `repeat` after `shuffle`), deterministically. There is one global sample
+order: the global batch of step i is positions [i*B, (i+1)*B) of it (B = per-process batch x process count), and
+process p loads rows [p*b, (p+1)*b) of that batch. So every step sees the same samples in the same rows whatever
+the number of processes (2 processes x 4 devices train exactly like 1 process x 8 devices), and each process
+decodes only its own rows.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Sequence
+
+import numpy as np
 
 from cosmos_jax.data import layout
 
@@ -44,19 +49,43 @@ class LoaderConfig:
     # max(prefetch, read_threads) + 1 of them; with many workers keep read_threads=1 and prefetch small.
 
 
+class _Rows:
+    """Global batch of sample indices -> this process's rows (a class, not a lambda: Grain workers pickle it)."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __call__(self, indices):
+        return indices[self.start:self.stop]
+
+
+class _Load:
+    """Sample indices -> one batch: the samples stacked leaf by leaf."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, indices):
+        samples = [self.source[int(i)] for i in indices]
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
 def make_dataset(source, cfg: LoaderConfig, *, process_index: int = 0, process_count: int = 1):
-    """A Grain IterDataset of batches (dicts of stacked numpy arrays) for this process."""
+    """A Grain IterDataset of this process's batches (dicts of stacked numpy arrays): rows
+    [process_index * b, (process_index + 1) * b) of each global batch of b * process_count samples."""
     import grain
 
-    ds = grain.MapDataset.source(source)
+    b = cfg.batch_size
+    global_batch = b * process_count
+    if len(source) < global_batch:
+        raise layout.DatasetError(f"{len(source)} samples are fewer than the global batch of {global_batch} "
+                                  f"({b} per process x {process_count})")
+    ds = grain.MapDataset.range(len(source))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
-    ds = ds[process_index::process_count]
-    if len(ds) < cfg.batch_size:
-        raise layout.DatasetError(f"{len(ds)} samples for this process (of {len(source)}) are fewer than "
-                                  f"batch_size={cfg.batch_size}")
     ds = ds.repeat(cfg.num_epochs)
-    ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    ds = ds.batch(global_batch, drop_remainder=True)
+    ds = ds.map(_Rows(process_index * b, (process_index + 1) * b)).map(_Load(source))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=max(cfg.prefetch, cfg.read_threads)))
     if cfg.num_workers > 0:

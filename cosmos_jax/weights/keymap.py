@@ -89,6 +89,14 @@ def _entries(cfg: DiTConfig) -> list[_Entry]:
     return out
 
 
+def reference_names(cfg: DiTConfig) -> dict[str, list[str]]:
+    """Top-level Flax parameter name -> the reference state-dict keys stored under it."""
+    out: dict[str, list[str]] = {}
+    for e in _entries(cfg):
+        out.setdefault(e.flax_path[0], []).append(e.ref_key)
+    return out
+
+
 def _to_flax(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr.T if kind == "linear" else arr
 

@@ -1,0 +1,137 @@
+"""The full post-training step on one GPU: real 2B config, synthetic latents, step time, peak memory, MFU.
+
+    python bench/bench_train.py --views 1,2 --remat save_attention      # parent: matmul baseline + one child per row
+    python bench/bench_train.py --views 7 --remat save_self_attention,full
+
+The step is exactly the trainer's (cosmos_jax.training.step): loss with conditioning frames and text dropout,
+gradients of the control branch only, non-finite zeroing + clipping, AdamW on fp32 master weights, power EMA, the
+frozen base held in bf16; inputs are random latents (16 x V*8 x 90 x 160), a random projected text context
+(V*512 x 1024) and view ids. Every row is printed as a ratio against the best bf16 matmul rate measured in the same
+run (the better of chained single 8192^3 / 16384^3 GEMMs and 8 independent 8192^3 GEMMs in one batched call), and
+against 785 TFLOP/s. FLOPs are model FLOPs (cosmos_jax/training/flops.py: no remat recomputation, no frozen weight
+gradients). Each row runs in its own process so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+NOMINAL = 785e12
+
+
+def child(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from bench.common import emit, timeit
+    from configs import transfer2_auto_multiview as cfg_file
+    from cosmos_jax import build
+    from cosmos_jax.models import dit as dit_lib
+    from cosmos_jax.training import flops as flops_lib
+    from cosmos_jax.training import step as step_lib
+
+    config = cfg_file.get_config("post_train_example")
+    config.unlock()
+    config.model.remat_policy = args.remat
+    config.model.attention_backend = args.attention
+    cfg = build.dit_config_from(config.model)
+    step_cfg = step_lib.step_config_from(config)
+    optimizer = step_lib.optimizer_from(config)
+    v, t, h, w = args.views, cfg.state_t, args.height, args.width
+    row = {"views": v, "remat": args.remat, "attention": args.attention, "tokens": v * t * (h // 2) * (w // 2)}
+    flops = flops_lib.train_step_flops(cfg, v, t, h, w)
+    row["model_tflop_per_step"] = flops / 1e12
+
+    ks = jax.random.split(jax.random.key(1), 4)
+    batch = {"x0": jax.random.normal(ks[0], (1, 16, v * t, h, w), jnp.float32),
+             "latent_control": jax.random.normal(ks[1], (1, 16, v * t, h, w), jnp.float32),
+             "context": jax.random.normal(ks[2], (1, v * 512, cfg.crossattn_emb_channels), jnp.float32),
+             "view_indices": jnp.repeat(jnp.arange(v, dtype=jnp.int32), t)[None]}
+    state = jax.jit(lambda: step_lib.init_state(nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(0))), cfg,
+                                                step_cfg, optimizer, 0))()
+    step_fn = jax.jit(step_lib.make_train_step(cfg, step_cfg, optimizer), donate_argnums=0)
+    try:
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        row["compile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        row["first_step_s"] = time.perf_counter() - t0
+        row["first_loss"] = float(m["loss"])
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        row["step_s"] = times[len(times) // 2]
+        row["step_times_s"] = times
+        row["loss"] = float(m["loss"])
+        stats = jax.devices()[0].memory_stats() or {}
+        row["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+        row["model_tflops"] = flops / row["step_s"] / 1e12
+    except Exception as e:  # OOM etc.: report and let the parent go on
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    emit(row)
+    del timeit
+
+
+def parent(args) -> None:
+    import jax
+
+    from bench.common import best_matmul_rate, run_isolated
+
+    dev = jax.devices()[0]
+    mm = best_matmul_rate()
+    print(f"device: {dev.device_kind}, jax {jax.__version__}; best bf16 matmul in this run {mm / 1e12:.1f} TFLOP/s "
+          f"({mm / NOMINAL:.3f} of 785)", flush=True)
+    out = os.path.join(args.out, "bench_train.jsonl")
+    with open(out, "a") as f:
+        f.write(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "matmul_tflops": mm / 1e12}) + "\n")
+    del jax  # children get the GPU to themselves
+    rows = []
+    for v in [int(x) for x in args.views.split(",")]:
+        for remat in args.remat.split(","):
+            argv = ["--child", "--views", str(v), "--remat", remat, "--attention", args.attention,
+                    "--iters", str(args.iters), "--height", str(args.height), "--width", str(args.width)]
+            for r in run_isolated(__file__, argv, f"{v} views {remat}", out):
+                if "step_s" in r:
+                    r["mfu_vs_matmul"] = r["model_tflops"] * 1e12 / mm
+                    r["mfu_vs_785"] = r["model_tflops"] * 1e12 / NOMINAL
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print(f"\n{'views':>5} {'remat':>22} {'tokens':>7} {'compile s':>9} {'step s':>8} {'peak GiB':>8} "
+          f"{'TFLOP/s':>8} {'x matmul':>8} {'x 785':>6}")
+    for r in rows:
+        if "step_s" not in r:
+            print(f"{r['views']:>5} {r['remat']:>22} {r['tokens']:>7} {r.get('error', '?')[:70]}")
+            continue
+        print(f"{r['views']:>5} {r['remat']:>22} {r['tokens']:>7} {r['compile_s']:>9.1f} {r['step_s']:>8.2f} "
+              f"{r['peak_gib']:>8.1f} {r['model_tflops']:>8.1f} {r['mfu_vs_matmul']:>8.3f} {r['mfu_vs_785']:>6.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--views", default="1,2", help="comma list of view counts (720p, 8 latent frames each)")
+    ap.add_argument("--remat", default="save_attention", help="comma list of remat policies")
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--height", type=int, default=90, help="latent height (720p -> 90)")
+    ap.add_argument("--width", type=int, default=160)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    (child if args.child else parent)(args)
+
+
+if __name__ == "__main__":
+    main()
