@@ -4,8 +4,11 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.models.dit_config import DiTConfig
@@ -27,7 +30,25 @@ def test_every_logical_name_has_a_rule():
     names |= set(re.findall(r'"(activation_[a-z_]+)"', source))
     missing = sorted(n for n in names if n not in rules)
     assert not missing, f"logical axes without a sharding rule: {missing}"
-    assert {"layers", "embed", "heads", "mlp", "activation_length"} <= names
+    assert {"layers", "embed", "heads", "mlp", "activation_length", "activation_frame_tokens"} <= names
+
+
+def test_activation_layout_is_strict_and_parameters_lenient():
+    """Activations: the context axis goes to the frames T or the tokens S, and a split that does not divide is an
+    error (never a silent replication). Parameters: an odd shape simply stays whole."""
+    with jax.set_mesh(mesh_lib.make_mesh(fsdp=2, context=4)):
+        assert mesh_lib.video_axes(8, 6, 2) == ("activation_batch", "activation_length", None)
+        assert mesh_lib.video_axes(6, 16, 2) == ("activation_batch", None, "activation_frame_tokens")
+        assert mesh_lib.activation_spec(mesh_lib.video_axes(6, 16, 2), (2, 6, 16)) == P(("data", "fsdp"), None,
+                                                                                           "context")
+        with pytest.raises(ValueError, match="'activation_length' dimension 6 is not divisible by context = 4"):
+            jax.jit(lambda x: mesh_lib.constrain(x, ("activation_batch", "activation_length", None)))(
+                jnp.zeros((2, 6, 16)))
+        with pytest.raises(ValueError, match="mesh axis 'context' is used by both"):
+            mesh_lib.activation_spec(("activation_length", "activation_frame_tokens"), (8, 8))
+    mesh = mesh_lib.make_mesh(fsdp=2, context=4)
+    boxed = {"w": nn.Partitioned(jnp.zeros((7, 6)), names=("embed", "embed_out"))}
+    assert mesh_lib.param_shardings(boxed, mesh)["w"].spec[0] is None  # 7 rows do not split over fsdp x context
 
 
 def test_2b_parameters_are_sharded_on_8_devices(tmp_path):

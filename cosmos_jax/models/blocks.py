@@ -5,7 +5,9 @@ Reference: `Block`, `Attention`, `GPT2FeedForward` (predict2/networks/minimal_v4
 (transfer2/networks/minimal_v4_lvg_dit_control_vace.py).
 
 Activations inside a block are `x_B_T_S_D`: T = all latent frames of all views (view-major, V*T), S = H*W tokens of a
-frame after patchify. Per-frame adaLN modulations broadcast over S; self-attention flattens (T S) into one sequence.
+frame after patchify. Per-frame adaLN modulations broadcast over S; self-attention attends over all (T S) tokens as
+one sequence. Context parallelism shards T, or S when it does not divide T (`x_axes`); q, k, v keep the
+[B, T, S, H, Dh] layout up to the attention op, so no sharded axis is ever reshaped.
 Weights are fp32 (`param_dtype`); matmuls run in `dtype` (bf16 in production). The timestep embedding and the adaLN
 modulations run in fp32 as the reference's `use_wan_fp32_strategy` does; RoPE is applied in fp32 too.
 """
@@ -17,15 +19,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from cosmos_jax.models.dit_config import DiTConfig
 from cosmos_jax.ops import attention as attn_ops
-from cosmos_jax.parallel.mesh import constrain
+from cosmos_jax.parallel.mesh import constrain, logical_axis_size, video_axes
 
-X_AXES = ("activation_batch", "activation_length", None, "activation_embed")  # x_B_T_S_D
 EPS = 1e-6
+
+
+def x_axes(x_B_T_S_D) -> tuple[str | None, ...]:
+    """Logical axes of an x_B_T_S_D activation under the current mesh (an error if it cannot be sharded)."""
+    b, t, s, _ = x_B_T_S_D.shape
+    return video_axes(t, s, b) + ("activation_embed",)
 
 
 def trunc_normal(fan_in: int):
@@ -85,48 +93,50 @@ class AdaLNModulation(nn.Module):
         h = dense(cfg.adaln_lora_dim, ("embed", "lora"), fan_in=d, name="down")(nn.silu(emb_B_Tt_D))
         h = dense(self.n_chunks * d, ("lora", "modulation"), fan_in=cfg.adaln_lora_dim, zero_init=True, name="up")(h)
         h = h + adaln_lora_B_Tt_3D[..., : self.n_chunks * d]
+        # small per-frame tensors: batch-sharded, width whole, so that the split below stays local (the up weight's
+        # FSDP-sharded output width would otherwise be split across shard boundaries)
+        h = constrain(h, ("activation_batch", "activation_frames", "activation_embed"))
         return jnp.split(h, self.n_chunks, axis=-1)
 
 
-def apply_rope(x_B_L_H_D, cos_L_D, sin_L_D):
+def apply_rope(x_B_T_S_H_D, cos_T_S_D, sin_T_S_D):
     """Non-interleaved rotate-half RoPE (TE `apply_rotary_pos_emb`, bshd), in fp32."""
-    xf = x_B_L_H_D.astype(jnp.float32)
+    xf = x_B_T_S_H_D.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return xf * cos_L_D[None, :, None, :] + rotated * sin_L_D[None, :, None, :]
+    return xf * cos_T_S_D[None, :, :, None, :] + rotated * sin_T_S_D[None, :, :, None, :]
 
 
 class SelfAttention(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, x_B_T_S_D, rope_cos_L_D, rope_sin_L_D):
+    def __call__(self, x_B_T_S_D, rope_cos_T_S_D, rope_sin_T_S_D):
         cfg = self.cfg
         b, t, s, d = x_B_T_S_D.shape
         h, hd = cfg.num_heads, cfg.head_dim
         kw = dict(fan_in=d, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        x = x_B_T_S_D.reshape(b, t * s, d)
-        q = dense(d, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t * s, h, hd)
-        k = dense(d, ("embed", "heads"), name="k_proj", **kw)(x).reshape(b, t * s, h, hd)
-        v = dense(d, ("embed", "heads"), name="v_proj", **kw)(x).reshape(b, t * s, h, hd)
+        q = dense(d, ("embed", "heads"), name="q_proj", **kw)(x_B_T_S_D).reshape(b, t, s, h, hd)
+        k = dense(d, ("embed", "heads"), name="k_proj", **kw)(x_B_T_S_D).reshape(b, t, s, h, hd)
+        v = dense(d, ("embed", "heads"), name="v_proj", **kw)(x_B_T_S_D).reshape(b, t, s, h, hd)
         q = RMSNorm(param_dtype=cfg.param_dtype, name="q_norm")(q)
         k = RMSNorm(param_dtype=cfg.param_dtype, name="k_norm")(k)
-        q = apply_rope(q, rope_cos_L_D, rope_sin_L_D).astype(cfg.dtype)
-        k = apply_rope(k, rope_cos_L_D, rope_sin_L_D).astype(cfg.dtype)
+        q = apply_rope(q, rope_cos_T_S_D, rope_sin_T_S_D).astype(cfg.dtype)
+        k = apply_rope(k, rope_cos_T_S_D, rope_sin_T_S_D).astype(cfg.dtype)
         q, k, v = (checkpoint_name(z, "self_attn_qkv") for z in (q, k, v))
         o = attn_ops.self_attention(q, k, v, backend=cfg.attention_backend)
         o = checkpoint_name(o, "self_attn_out")
-        o = dense(d, ("heads", "embed"), name="output_proj", fan_in=d, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype)(o.reshape(b, t * s, d))
-        return o.reshape(b, t, s, d)
+        return dense(d, ("heads", "embed"), name="output_proj", fan_in=d, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype)(o.reshape(b, t, s, d))
 
 
 class MultiViewCrossAttention(nn.Module):
     """Cross-attention where the frames of view v attend only to text tokens [512 v, 512 (v+1)).
 
-    The reference regroups `B (V L) D -> (V B) L D` with V = context_len // 512. We express the same grouping per
-    latent frame (frame t belongs to context view t // (T / V)), which keeps the frame axis intact, so it stays
-    sharded under context parallelism and the attention is a batched (B*T) call with 512 keys per frame.
+    The reference regroups `B (V L) D -> (V B) L D` with V = context_len // 512. We keep the frame axis intact (it
+    may be sharded under context parallelism) and group g consecutive frames of one view, g = gcd(frames of a view,
+    frames per device), so the attention is a batched (B*T/g) call with the 512 keys of the group's view; without
+    frame sharding the groups are the views, as in the reference.
     """
     cfg: DiTConfig
 
@@ -147,13 +157,16 @@ class MultiViewCrossAttention(nn.Module):
                   param_dtype=cfg.param_dtype)(context_B_M_Dc)
         v = dense(d, ("kv_embed", "heads"), name="v_proj", fan_in=dc, dtype=cfg.dtype,
                   param_dtype=cfg.param_dtype)(context_B_M_Dc)
-        q = RMSNorm(param_dtype=cfg.param_dtype, name="q_norm")(q.reshape(b * t, s, h, hd))
+        q = RMSNorm(param_dtype=cfg.param_dtype, name="q_norm")(q.reshape(b, t, s, h, hd))
         k = RMSNorm(param_dtype=cfg.param_dtype, name="k_norm")(k.reshape(b, n_ctx_views, per_view, h, hd))
         v = v.reshape(b, n_ctx_views, per_view, h, hd)
-        frame_view = jnp.arange(t) // (t // n_ctx_views)
-        k = jnp.take(k, frame_view, axis=1).reshape(b * t, per_view, h, hd)
-        v = jnp.take(v, frame_view, axis=1).reshape(b * t, per_view, h, hd)
-        o = attn_ops.attention(q, k, v, backend=cfg.attention_backend)
+        frames_per_view = t // n_ctx_views
+        t_axis = video_axes(t, s, b)[1]
+        group = math.gcd(frames_per_view, t // logical_axis_size(t_axis) if t_axis else t)
+        group_view = np.arange(t // group) * group // frames_per_view
+        if t // group != n_ctx_views:  # groups are smaller than views: each group gets its view's keys
+            k, v = jnp.take(k, group_view, axis=1), jnp.take(v, group_view, axis=1)
+        o = attn_ops.group_cross_attention(q, k, v, backend=cfg.attention_backend)
         o = checkpoint_name(o, "cross_attn_out")
         o = dense(d, ("heads", "embed"), name="output_proj", fan_in=d, dtype=cfg.dtype,
                   param_dtype=cfg.param_dtype)(o.reshape(b, t, s, d))
@@ -183,11 +196,11 @@ class DiTBlock(nn.Module):
     with_after_proj: bool = False
 
     @nn.compact
-    def __call__(self, x_B_T_S_D, emb_B_Tt_D, adaln_lora_B_Tt_3D, context_B_M_Dc, rope_cos_L_D, rope_sin_L_D):
+    def __call__(self, x_B_T_S_D, emb_B_Tt_D, adaln_lora_B_Tt_3D, context_B_M_Dc, rope_cos_T_S_D, rope_sin_T_S_D):
         cfg = self.cfg
-        x = constrain(x_B_T_S_D, X_AXES)
+        x = constrain(x_B_T_S_D, x_axes(x_B_T_S_D))
         shift, scale, gate = AdaLNModulation(cfg, name="adaln_modulation_self_attn")(emb_B_Tt_D, adaln_lora_B_Tt_3D)
-        y = SelfAttention(cfg, name="self_attn")(modulate_frames(x, shift, scale), rope_cos_L_D, rope_sin_L_D)
+        y = SelfAttention(cfg, name="self_attn")(modulate_frames(x, shift, scale), rope_cos_T_S_D, rope_sin_T_S_D)
         x = x + gate_frames(gate, y)
 
         shift, scale, gate = AdaLNModulation(cfg, name="adaln_modulation_cross_attn")(emb_B_Tt_D, adaln_lora_B_Tt_3D)
@@ -196,9 +209,9 @@ class DiTBlock(nn.Module):
 
         shift, scale, gate = AdaLNModulation(cfg, name="adaln_modulation_mlp")(emb_B_Tt_D, adaln_lora_B_Tt_3D)
         y = MLP(cfg, name="mlp")(modulate_frames(x, shift, scale))
-        x = constrain(x + gate_frames(gate, y), X_AXES)
+        x = constrain(x + gate_frames(gate, y), x_axes(x))
         if not self.with_after_proj:
             return x
         hint = dense(cfg.model_channels, ("embed", "embed_out"), name="after_proj", fan_in=cfg.model_channels,
                      use_bias=True, zero_init=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype)(x)
-        return x, constrain(hint, X_AXES)
+        return x, constrain(hint, x_axes(hint))

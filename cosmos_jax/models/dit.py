@@ -19,9 +19,9 @@ import numpy as np
 from flax import linen as nn
 
 from cosmos_jax.models import rope as rope_lib
-from cosmos_jax.models.blocks import X_AXES, AdaLNModulation, DiTBlock, RMSNorm, dense, layer_norm
+from cosmos_jax.models.blocks import AdaLNModulation, DiTBlock, RMSNorm, dense, layer_norm, x_axes
 from cosmos_jax.models.dit_config import DiTConfig
-from cosmos_jax.parallel.mesh import constrain
+from cosmos_jax.parallel.mesh import constrain, unsharded_activations, video_axes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -34,8 +34,39 @@ def _is_attention_forward(prim, *_, **__) -> bool:
     return "dot_product_attention" in name and "bwd" not in name
 
 
-def remat_policy(name: str):
-    """None = no rematerialisation; otherwise a `jax.checkpoint` policy."""
+def _is_self_attention_forward(cross_attn_keys: int):
+    """The cuDNN forward of self-attention only.
+
+    A policy sees a primitive, its input shapes and parameters, nothing that names the call site, and cuDNN's
+    backward reads the forward's raw outputs (so a `checkpoint_name` on our side cannot mark them). The two calls
+    differ in their key length: cross-attention always attends to the `cross_attn_keys` text tokens of a view
+    (padded to 64), self-attention to all tokens of the sample (padded to 64). Should the sample have exactly that
+    many padded tokens (toy sizes), its self-attention is recomputed as well: cross-attention is never saved.
+    """
+    cross_len = -(-cross_attn_keys // 64) * 64
+
+    def policy(prim, *avals, **params) -> bool:
+        key = avals[1] if len(avals) > 1 else None
+        return (_is_attention_forward(prim, **params) and getattr(key, "ndim", 0) == 4
+                and key.shape[1] != cross_len)
+
+    return policy
+
+
+def remat_policy(name: str, cross_attn_keys: int = 512):
+    """None = no rematerialisation; otherwise a `jax.checkpoint` policy.
+
+    On GPU (cudnn backend) the attention policies also save the cuDNN forward outputs (attention output and
+    softmax statistics, inside the Ulysses shard_map) so the backward pass does not rerun the attention kernel; the
+    named `*_attn_out` tensors are the outputs after the back all-to-all, which the output projection needs. With
+    the xla backend (CPU) there is no such primitive: only the named outputs are saved and the backward pass
+    recomputes the softmax. `cross_attn_keys`: text tokens per view (DiTConfig.crossattn_tokens_per_view).
+
+    save_self_attention, as seen on an H200 (jax 0.11.2, `jax.ad_checkpoint.print_saved_residuals` of one block,
+    2 views x 4 frames x 300 tokens, 2 heads): saves the self-attention cuDNN output bf16[1,2432,2,128] and its
+    softmax statistics f32[1,2,2432] plus the named 'self_attn_out'; nothing of the cross-attention (save_attention
+    also keeps its cuDNN output, statistics and 'cross_attn_out'). Gradients agree with the other policies.
+    """
     cp = jax.checkpoint_policies
     attention = cp.save_from_both_policies(cp.save_only_these_names("self_attn_out", "cross_attn_out"),
                                            _is_attention_forward)
@@ -44,6 +75,10 @@ def remat_policy(name: str):
         "full": cp.nothing_saveable,
         # reference predict2_2b_720_aggressive: keep attention outputs, recompute everything else
         "save_attention": attention,
+        # keep only the self-attention output + its cuDNN statistics; the cheap (512-key) cross-attention is
+        # recomputed with everything else
+        "save_self_attention": cp.save_from_both_policies(cp.save_only_these_names("self_attn_out"),
+                                                          _is_self_attention_forward(cross_attn_keys)),
         "save_dots": cp.dots_with_no_batch_dims_saveable,
         "save_attention_and_dots": cp.save_from_both_policies(attention, cp.dots_with_no_batch_dims_saveable),
     }
@@ -82,7 +117,7 @@ class _ControlLayer(nn.Module):
 
 
 def _stack(layer_cls, cfg: DiTConfig, length: int, n_broadcast: int, name: str):
-    policy = remat_policy(cfg.remat_policy)
+    policy = remat_policy(cfg.remat_policy, cfg.crossattn_tokens_per_view)
     if cfg.remat_policy != "none":
         layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
     scanned = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
@@ -174,7 +209,7 @@ class MultiViewControlDiT(nn.Module):
                                 cfg.patch_temporal)
         out = dense(cfg.model_channels, ("patch_in", "embed_out"), fan_in=tokens.shape[-1], dtype=cfg.dtype,
                     param_dtype=cfg.param_dtype, name=name)(tokens)
-        out = constrain(out, X_AXES)
+        out = constrain(out, x_axes(out))
         self.sow("intermediates", f"{name}_out_B_T_S_D", out)
         return out, grid
 
@@ -228,8 +263,9 @@ class MultiViewControlDiT(nn.Module):
         self.sow("intermediates", "t_embedder_out_1", adaln_lora)
         self.sow("intermediates", "t_embedding_norm_out_B_T_D", emb)
 
-        angles = constrain(rope_lib.rope_angles(cfg, n_views, t_tok // n_views, h_tok, w_tok),
-                           ("activation_length", None))
+        # [T, S, head_dim], laid out over the mesh as x_B_T_S_D is
+        angles = rope_lib.rope_angles(cfg, n_views, t_tok // n_views, h_tok, w_tok).reshape(t_tok, h_tok * w_tok, -1)
+        angles = constrain(angles, video_axes(t_tok, h_tok * w_tok)[1:] + (None,))
         rope_cos, rope_sin = jnp.cos(angles), jnp.sin(angles)
         control_weight = jnp.asarray(control_weight, jnp.float32)
         block_args = (emb, adaln_lora, context, rope_cos, rope_sin)
@@ -254,7 +290,7 @@ class MultiViewControlDiT(nn.Module):
                 self.sow("intermediates", "input_hint_block_out_B_T_S_D", c)
             c = dense(cfg.model_channels, ("embed", "embed_out"), fan_in=cfg.model_channels, use_bias=True,
                       zero_init=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="control_before_proj")(c)
-            c = constrain(c + x, X_AXES)
+            c = constrain(c + x, x_axes(x))
             control_stack = _stack(_ControlLayer, cfg, cfg.num_control_blocks, 5, "control_blocks")
             _, hints = control_stack(c, None, *block_args)  # hints [G, B, T, S, D]
 
@@ -301,15 +337,23 @@ def random_inputs(cfg: DiTConfig, key, *, batch: int = 1, n_views: int = 1, heig
     """Random inputs of `example_inputs`' shapes: N(0,1) tensors, timesteps in [0, 1000), view v on view v's frames."""
     inputs = example_inputs(cfg, batch=batch, n_views=n_views, height=height, width=width, dtype=dtype)
     keys = iter(jax.random.split(key, len(inputs)))
-    out = {k: (jax.random.normal(next(keys), v.shape, v.dtype) if v.dtype == dtype else v) for k, v in inputs.items()}
-    out["timesteps_B_T"] = jax.random.uniform(next(keys), out["timesteps_B_T"].shape, jnp.float32, 0.0, 1000.0)
+    # drawn flat and reshaped: the same numbers (threefry counters are flat indices), but XLA:CPU compiles a
+    # many-dimensional draw very slowly (~20 s for [16, 4, 8, 12])
+    out = {k: (jax.random.normal(next(keys), (v.size,), v.dtype).reshape(v.shape) if v.dtype == dtype else v)
+           for k, v in inputs.items()}
+    t_shape = out["timesteps_B_T"].shape
+    out["timesteps_B_T"] = jax.random.uniform(next(keys), (batch * t_shape[1],), jnp.float32, 0.0,
+                                              1000.0).reshape(t_shape)
     out["view_indices_B_T"] = jnp.tile(jnp.repeat(jnp.arange(n_views, dtype=jnp.int32), cfg.state_t), (batch, 1))
     return out
 
 
 def init_boxed_params(cfg: DiTConfig, rng) -> dict:
-    """Freshly initialised parameters, still boxed with their logical axis names (for sharding)."""
-    return MultiViewControlDiT(cfg).init(rng, **example_inputs(cfg))["params"]
+    """Freshly initialised parameters, still boxed with their logical axis names (for sharding).
+
+    Traced without activation sharding: the dummy inputs (one sample, one view) need not split over the mesh."""
+    with unsharded_activations():
+        return MultiViewControlDiT(cfg).init(rng, **example_inputs(cfg))["params"]
 
 
 def abstract_params(cfg: DiTConfig):

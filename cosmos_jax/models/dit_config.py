@@ -30,7 +30,8 @@ _EXECUTION_ONLY_OPTIONS = {
     "pos_emb_interpolation", "use_cuda_graphs", "dense_n_blocks", "gna_parameters",
 }
 
-REMAT_POLICIES = ("none", "full", "save_attention", "save_dots", "save_attention_and_dots")
+REMAT_POLICIES = ("none", "full", "save_attention", "save_self_attention", "save_dots",
+                  "save_attention_and_dots")
 ATTENTION_BACKENDS = ("xla", "cudnn")
 
 
