@@ -157,7 +157,15 @@ def load_network_params(path, cfg: DiTConfig, *, ema: bool = False, step: int | 
         raise keymap.WeightsError(f"{where}: holds no EMA weights (the run had ema.enabled=False)")
     params = merge_params(model["ema"] if ema else model["trainable"], model["frozen"])
     del model
-    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+    def to_f32(tree: dict) -> None:  # leaf by leaf, in place: each bf16 source is freed as soon as it is converted
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                to_f32(v)
+            else:
+                tree[k] = np.asarray(v, np.float32)
+
+    to_f32(params)
     export_lib.check_tree(params, export_lib.param_shapes(cfg), where)
     info.update(format="orbax", step=found)
     return params, info

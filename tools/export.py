@@ -1,0 +1,57 @@
+"""Export a training checkpoint to the reference's .pt files: model.pt, model_ema_fp32.pt, model_ema_bf16.pt and a
+manifest.json (cosmos_jax/weights/export.py says what each holds).
+
+    python tools/export.py /tmp/cosmos_jax-output/.../checkpoints OUT_DIR          # ours: latest complete step
+    python tools/export.py .../checkpoints/iter_000000200 OUT_DIR                   # ours: one step
+    python tools/export.py $CHECKPOINT_DIR/model $CHECKPOINT_DIR                    # reference DCP (converter's form)
+    python tools/export.py .../checkpoints OUT_DIR --step 400 --no-ema
+
+SRC is recognised automatically (Orbax or DCP). Files appear under their final names only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", metavar="SRC", help="Orbax checkpoints/ or step dir; DCP model/, iter_* or checkpoints/ dir")
+    ap.add_argument("out_dir", metavar="OUT_DIR")
+    ap.add_argument("--step", type=int, default=None, help="the step to export (default: the latest complete one)")
+    ap.add_argument("--no-ema", dest="ema", action="store_false",
+                    help="write model.pt only (as the reference converter's --no-ema)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = ap.parse_args(argv)
+
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:  # .pt files are written with torch's own zip writer
+        print("error: the export needs torch (a CPU build is enough: pip install torch==2.13.0 "
+              "--index-url https://download.pytorch.org/whl/cpu)", file=sys.stderr)
+        return 1
+    from cosmos_jax.weights import export
+
+    try:
+        manifest = export.export(args.src, args.out_dir, step=args.step, ema=args.ema, progress=args.progress)
+    except (ValueError, OSError) as e:  # the library's errors are ValueError subclasses naming the file
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    src = manifest["source"]
+    for name, f in manifest["files"].items():
+        print(f"wrote {os.path.join(os.path.abspath(args.out_dir), name)} ({len(f['tensors'])} tensors, "
+              f"{f['bytes'] / 2**20:.1f} MiB)")
+    print(f"from {src['kind']} checkpoint {src['path']} (step {src['step']}); "
+          f"manifest: {os.path.join(os.path.abspath(args.out_dir), export.MANIFEST)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
