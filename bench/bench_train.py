@@ -44,7 +44,7 @@ def child(args) -> None:
     cfg = build.dit_config_from(config.model)
     step_cfg = step_lib.step_config_from(config)
     optimizer = step_lib.optimizer_from(config)
-    v, t, h, w = args.views, cfg.state_t, args.height, args.width
+    v, t, h, w = int(args.views), cfg.state_t, args.height, args.width
     row = {"views": v, "remat": args.remat, "attention": args.attention, "tokens": v * t * (h // 2) * (w // 2)}
     flops = flops_lib.train_step_flops(cfg, v, t, h, w)
     row["model_tflop_per_step"] = flops / 1e12
@@ -54,13 +54,17 @@ def child(args) -> None:
              "latent_control": jax.random.normal(ks[1], (1, 16, v * t, h, w), jnp.float32),
              "context": jax.random.normal(ks[2], (1, v * 512, cfg.crossattn_emb_channels), jnp.float32),
              "view_indices": jnp.repeat(jnp.arange(v, dtype=jnp.int32), t)[None]}
+    print(f"[child] building state ({v} views, {args.remat})", flush=True)
     state = jax.jit(lambda: step_lib.init_state(nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(0))), cfg,
                                                 step_cfg, optimizer, 0))()
     step_fn = jax.jit(step_lib.make_train_step(cfg, step_cfg, optimizer), donate_argnums=0)
     try:
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
+        lowered = step_fn.lower(state, batch)
+        print(f"[child] lowered in {time.perf_counter() - t0:.1f}s; compiling", flush=True)
+        compiled = lowered.compile()
         row["compile_s"] = time.perf_counter() - t0
+        print(f"[child] compiled in {row['compile_s']:.1f}s", flush=True)
         t0 = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
@@ -85,30 +89,35 @@ def child(args) -> None:
     del timeit
 
 
-def parent(args) -> None:
+def matmul_child() -> None:
     import jax
 
-    from bench.common import best_matmul_rate, run_isolated
+    from bench.common import best_matmul_rate, emit
 
-    dev = jax.devices()[0]
-    mm = best_matmul_rate()
-    print(f"device: {dev.device_kind}, jax {jax.__version__}; best bf16 matmul in this run {mm / 1e12:.1f} TFLOP/s "
-          f"({mm / NOMINAL:.3f} of 785)", flush=True)
+    emit({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "matmul_tflops": best_matmul_rate() / 1e12})
+
+
+def parent(args) -> None:
+    from bench.common import run_isolated
+
+    # the parent never touches the GPU: a JAX client there would hold most of its memory while the children run
     out = os.path.join(args.out, "bench_train.jsonl")
-    with open(out, "a") as f:
-        f.write(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "matmul_tflops": mm / 1e12}) + "\n")
-    del jax  # children get the GPU to themselves
+    base = run_isolated(__file__, ["--matmul"], "matmul", out)[0]
+    mm = base["matmul_tflops"] * 1e12
+    print(f"device: {base['device']}, jax {base['jax']}; best bf16 matmul in this run {mm / 1e12:.1f} TFLOP/s "
+          f"({mm / NOMINAL:.3f} of 785)", flush=True)
     rows = []
-    for v in [int(x) for x in args.views.split(",")]:
-        for remat in args.remat.split(","):
-            argv = ["--child", "--views", str(v), "--remat", remat, "--attention", args.attention,
-                    "--iters", str(args.iters), "--height", str(args.height), "--width", str(args.width)]
-            for r in run_isolated(__file__, argv, f"{v} views {remat}", out):
-                if "step_s" in r:
-                    r["mfu_vs_matmul"] = r["model_tflops"] * 1e12 / mm
-                    r["mfu_vs_785"] = r["model_tflops"] * 1e12 / NOMINAL
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+    plan = ([(int(v), r) for v, r in (x.split(":") for x in args.rows.split(","))] if args.rows else
+            [(int(v), r) for v in args.views.split(",") for r in args.remat.split(",")])
+    for v, remat in plan:
+        argv = ["--child", "--views", str(v), "--remat", remat, "--attention", args.attention,
+                "--iters", str(args.iters), "--height", str(args.height), "--width", str(args.width)]
+        for r in run_isolated(__file__, argv, f"{v} views {remat}", out):
+            if "step_s" in r:
+                r["mfu_vs_matmul"] = r["model_tflops"] * 1e12 / mm
+                r["mfu_vs_785"] = r["model_tflops"] * 1e12 / NOMINAL
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     print(f"\n{'views':>5} {'remat':>22} {'tokens':>7} {'compile s':>9} {'step s':>8} {'peak GiB':>8} "
           f"{'TFLOP/s':>8} {'x matmul':>8} {'x 785':>6}")
     for r in rows:
@@ -123,14 +132,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--views", default="1,2", help="comma list of view counts (720p, 8 latent frames each)")
     ap.add_argument("--remat", default="save_attention", help="comma list of remat policies")
+    ap.add_argument("--rows", default="", help="views:remat pairs instead of the product, e.g. 1:save_attention,7:full")
     ap.add_argument("--attention", default="cudnn")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--height", type=int, default=90, help="latent height (720p -> 90)")
     ap.add_argument("--width", type=int, default=160)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    (child if args.child else parent)(args)
+    if args.matmul:
+        matmul_child()
+    else:
+        (child if args.child else parent)(args)
 
 
 if __name__ == "__main__":
