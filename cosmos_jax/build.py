@@ -46,13 +46,14 @@ def load_reference_params(path: str, cfg: DiTConfig, prefix: str = "net."):
 def init_params(cfg: DiTConfig, mesh, *, seed: int = 0, weights: str = ""):
     """Parameters sharded on `mesh` by the logical rules; from `weights` when given, else random.
 
-    The file must match `cfg` (shapes, and the RoPE buffer variant `cfg.rope_ranges_bf16`); nothing in `cfg` is
-    taken from the file.
+    `weights`: anything `load_network_params` reads (a reference .pt/.safetensors, a DCP checkpoint, or an Orbax
+    checkpoint of ours: its regular weights). It must match `cfg` (shapes, and the RoPE buffer variant
+    `cfg.rope_ranges_bf16`); nothing in `cfg` is taken from the file.
     """
     abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(seed)))
     shardings = mesh_lib.param_shardings(abstract_boxed, mesh)
     if weights:
-        numpy_params, _ = load_reference_params(weights, cfg)
+        numpy_params, _ = load_network_params(weights, cfg)
         return jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params, shardings)
     init = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(seed))), out_shardings=shardings)
     return init()

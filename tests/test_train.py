@@ -88,6 +88,14 @@ def test_frozen_weights_are_bit_identical_and_the_control_branch_moved(run50):
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model["trainable"]),
                                                       jax.tree.leaves(trainable0))]
     assert all(moved)
+    # the job's checkpoint is valid initial weights for another run (--config.model.weights=<checkpoints dir>):
+    # its regular weights, the fp32 masters of the control branch and the frozen base
+    with jax.set_mesh(mesh):
+        loaded = jax.tree.map(np.asarray, build.init_params(cfg, mesh, weights=os.path.join(summary["job_dir"],
+                                                                                             "checkpoints")))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(build.merge_params(model["trainable"],
+                                                                                 model["frozen"]))):
+        np.testing.assert_array_equal(a, b)
     # the EMA is a separate, different copy of the trainable weights
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model["ema"]),
                                                         jax.tree.leaves(model["trainable"])))

@@ -219,18 +219,6 @@ def state_shardings(abstract_state, param_sh: dict, mesh, optimizer):
             "trainer": jax.tree.map(lambda _: replicated, abstract_state["trainer"])}
 
 
-def initial_params(config, dit_cfg, mesh, param_sh) -> dict:
-    """Full fp32 parameter tree on the mesh: random, a reference .pt/.safetensors, or our Orbax checkpoint (its
-    regular - not EMA - weights)."""
-    weights = config.model.weights
-    if weights and os.path.isdir(weights):
-        model, saved_config, step = ckpt_lib.read_model(weights)
-        _check_arch(saved_config, config, f"{weights} (step {step})")
-        params = build.merge_params(model["trainable"], model["frozen"])
-        return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, np.float32), s), params, param_sh)
-    return build.init_params(dit_cfg, mesh, seed=config.seed, weights=weights)
-
-
 def _check_arch(saved_config: dict | None, config, where: str) -> None:
     if not saved_config:
         return
@@ -318,7 +306,8 @@ def train(config, *, stop_after: int | None = None) -> dict:
             if is_main:
                 print(f"resumed from {ckpt_dir} step {int(jax.device_get(state['trainer']['step']))}")
         else:
-            params = initial_params(config, dit_cfg, mesh, param_sh)
+            # random, or model.weights: a reference .pt / DCP checkpoint / our Orbax checkpoint (regular weights)
+            params = build.init_params(dit_cfg, mesh, seed=config.seed, weights=config.model.weights)
             state = jax.jit(init_fn, out_shardings=state_sh)(params)
             del params
         start = int(jax.device_get(state["trainer"]["step"]))
