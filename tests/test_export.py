@@ -24,7 +24,7 @@ from cosmos_jax import build
 from cosmos_jax.models.dit_config import DiTConfig
 from cosmos_jax.training import checkpoint as ckpt_lib
 from cosmos_jax.training import step as step_lib
-from cosmos_jax.weights import dcp_io, export, keymap, torch_io
+from cosmos_jax.weights import dcp_io, export, keymap, torch_io, torch_save
 from tools import export as export_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_streamed_writer_writes_the_bytes_of_torch_save(tmp_path):
     (tmp_path / "b").mkdir()
     torch.save(sd, tmp_path / "a" / "model.pt")
     arrays = {k: torch_io._torch_to_numpy(v) for k, v in sd.items()}
-    w = export.TorchSaveWriter(tmp_path / "b" / "model.pt", [(k, a.dtype, a.shape) for k, a in arrays.items()])
+    w = torch_save.TorchSaveWriter(tmp_path / "b" / "model.pt", [(k, a.dtype, a.shape) for k, a in arrays.items()])
     for k, a in arrays.items():
         assert w.write(k, a) == _sha(a)
     w.close()
@@ -70,11 +70,11 @@ def test_streamed_writer_writes_the_bytes_of_torch_save(tmp_path):
 
 
 def test_writer_refuses_out_of_order_or_missing_tensors(tmp_path):
-    w = export.TorchSaveWriter(tmp_path / "x.pt", [("a", np.float32, (2,)), ("b", np.float32, (3,))])
-    with pytest.raises(export.ExportError, match="declared a float32"):
+    w = torch_save.TorchSaveWriter(tmp_path / "x.pt", [("a", np.float32, (2,)), ("b", np.float32, (3,))])
+    with pytest.raises(torch_save.TorchSaveError, match="declared a float32"):
         w.write("b", np.zeros(3, np.float32))
     w.write("a", np.zeros(2, np.float32))
-    with pytest.raises(export.ExportError, match=r"1 of 2 tensors"):
+    with pytest.raises(torch_save.TorchSaveError, match=r"1 of 2 tensors"):
         w.close()
 
 
