@@ -20,6 +20,14 @@ def test_variants_build_the_right_networks():
     assert (real.control_padded_channels, real.control_in_channels, real.x_in_channels) == (184, 193, 25)
     with pytest.raises(ValueError, match="unknown config variant"):
         cfg_file.get_config("nope")
+    # the reference experiment name is an alias of post_train_example, with the reference's job names and recipe
+    alias = cfg_file.get_config("transfer2_auto_multiview_post_train_example")
+    assert alias.variant == "post_train_example" and alias.model.weight_dtype == "bfloat16"
+    assert (alias.job.project, alias.job.group, alias.job.name) == (
+        "cosmos_transfer_v2p5", "auto_multiview", "2b_cosmos_multiview_post_train_example")
+    assert (alias.optimizer.lr, alias.optimizer.weight_decay, alias.optimizer.clip_norm) == (8.63e-5, 1e-3, 0.1)
+    assert (alias.trainer.max_iter, alias.trainer.save_iter, alias.trainer.logging_iter) == (5000, 200, 100)
+    assert (alias.data.num_frames, alias.data.height, alias.data.width) == (29, 720, 1280)
 
 
 def test_vae_sections_build_the_right_vae(vae_case_a):

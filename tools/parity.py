@@ -3,6 +3,7 @@
     python tools/parity.py dit --case ../shared/parity/dit_control/caseA --out /tmp/out.npz
     python tools/parity.py dit --case DIR --weights DIR/../dcp/converted/model_ema_fp32.pt --out OUT.npz
     python tools/parity.py loss --case ../shared/parity/train_loss/lossA --out /tmp/loss.npz
+    python tools/parity.py sample --case ../shared/parity/sampler/sampleA --out /tmp/sample.npz
     python tools/parity.py vae --case ../shared/parity/wan_vae/caseA --out /tmp/vae.npz
     python tools/parity.py text --model-dir /ckpts/Cosmos-Reason1-7B --captions captions.json --out /tmp/text.npz
 """
@@ -112,6 +113,55 @@ def run_loss_case(case_dir: str, *, weights: str | None = None, inputs: str | No
     with jax.default_matmul_precision("highest"):
         _, aux = jax.jit(loss_fn)(params, d)
     return {k: np.asarray(v) for k, v in aux.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampler cases (`shared/parity/sampler/*`: case.json with the net under "network" and the sampler settings,
+# weights.safetensors, inputs.npz with the initial noise, gt, conditioning mask, control latent, text embeddings)
+
+_SAMPLE_INPUT_NAMES = ("noise_B_C_T_H_W", "gt_B_C_T_H_W", "condition_video_input_mask_B_C_T_H_W",
+                       "latent_control_input", "crossattn_emb", "neg_crossattn_emb", "padding_mask",
+                       "view_indices_B_T", "guidance", "control_weight", "num_steps", "shift")
+
+
+def run_sample_case(case_dir: str, *, weights: str | None = None, inputs: str | None = None,
+                    batch_branches: bool = True) -> dict[str, np.ndarray]:
+    """The reference sampling loop of a case (UniPC, CFG with the negative-prompt uncondition, conditioning
+    frames) on its fp32 net; every array of its output.npz (final latent, grid, per-step debug arrays)."""
+    from cosmos_jax.diffusion import sampling
+
+    cfg = load_case_config(case_dir)
+    params, cfg = load_case_params(case_dir, cfg, weights)
+    inputs_path = inputs or os.path.join(case_dir, "inputs.npz")
+    data = np.load(inputs_path)
+    missing = [k for k in _SAMPLE_INPUT_NAMES if k not in data.files]
+    if missing:
+        raise KeyError(f"{inputs_path}: missing inputs {missing}")
+    num_steps, shift = int(data["num_steps"]), float(data["shift"])
+    model = dit_lib.MultiViewControlDiT(cfg)
+    shared = {k: jnp.asarray(data[k]) for k in ("latent_control_input", "padding_mask", "view_indices_B_T")}
+    mask = jnp.asarray(data["condition_video_input_mask_B_C_T_H_W"])
+    shared["condition_video_input_mask_B_C_T_H_W"] = mask
+    cond = dict(shared, crossattn_emb=jnp.asarray(data["crossattn_emb"]))
+    uncond = dict(shared, crossattn_emb=jnp.asarray(data["neg_crossattn_emb"]))
+
+    def run(p, noise, gt, mask, cond, uncond, guidance, control_weight):
+        def net_fn(x, timesteps_B_T, **kw):
+            return model.apply({"params": p}, x_B_C_T_H_W=x, timesteps_B_T=timesteps_B_T,
+                               control_weight=control_weight, **kw)
+
+        velocity_fn = sampling.branch_velocity_fn(net_fn, cond, uncond, batch_branches=batch_branches)
+        return sampling.sample(velocity_fn, noise, num_steps=num_steps, shift=shift, guidance=guidance, gt=gt,
+                               condition_mask=mask, aux=True)
+
+    with jax.default_matmul_precision("highest"):
+        x, aux = jax.jit(run)(params, jnp.asarray(data["noise_B_C_T_H_W"]), jnp.asarray(data["gt_B_C_T_H_W"]),
+                              mask, cond, uncond, jnp.float32(data["guidance"]), jnp.float32(data["control_weight"]))
+    outs = {"samples_B_C_T_H_W": np.asarray(x)}
+    outs.update({k: np.asarray(v) for k, v in aux.items()})
+    for k in ("timesteps", "net_timesteps_per_step", "predictor_order_per_step"):
+        outs[k] = outs[k].astype(np.int64)  # the reference's int64
+    return outs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,6 +284,13 @@ def main(argv=None):
                       "net_out_raw, v_pred, per_sample_loss, loss, crossattn_emb_fed, condition_mask)")
     loss.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
     loss.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    smp = sub.add_parser("sample", help="UniPC + CFG sampling loop on the multiview control DiT (fp32)")
+    smp.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
+    smp.add_argument("--out", required=True, help="output .npz (samples_B_C_T_H_W, sigmas, timesteps, "
+                     "x_after_step, velocity_cfg_per_step, net_timesteps_per_step, predictor_order_per_step, "
+                     "v_cond_step0, v_uncond_step0, net_x_input_step0)")
+    smp.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
+    smp.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
     vae = sub.add_parser("vae", help="Wan2.1 VAE encode + decode (fp32)")
     vae.add_argument("--case", required=True, help="folder with manifest.json, weights.safetensors, io.npz (x)")
     vae.add_argument("--out", required=True, help="output .npz (mu_raw, logvar_raw, latent, recon; NCTHW)")
@@ -252,6 +309,13 @@ def main(argv=None):
         outs = run_loss_case(args.case, weights=args.weights, inputs=args.inputs)
         np.savez(args.out, **outs)
         print(f"wrote {args.out}: loss {float(outs['loss']):.8f}, per_sample_loss {outs['per_sample_loss']}")
+        return
+    if args.what == "sample":
+        outs = run_sample_case(args.case, weights=args.weights, inputs=args.inputs)
+        np.savez(args.out, **outs)
+        x = outs["samples_B_C_T_H_W"]
+        print(f"wrote {args.out}: samples_B_C_T_H_W {x.shape} mean {x.mean():.6f} std {x.std():.6f}, "
+              f"timesteps {outs['timesteps'].tolist()}")
         return
     if args.what == "vae":
         outs = run_vae_case(args.case)
