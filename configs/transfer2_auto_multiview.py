@@ -153,6 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.trainer.max_to_keep = 5     # checkpoints kept (the reference keeps all); 0 = keep all
     c.trainer.async_checkpointing = True
     c.trainer.max_nonfinite_steps = 20  # consecutive non-finite losses before training stops with an error
+    # every sample_iter steps generate the first sample of the step's batch with the regular and the EMA weights
+    # (the reference's every_n_sample_reg/_ema callbacks: guidance 7, 35 steps) into <job>/samples/ + TensorBoard
+    c.trainer.sample_iter = 200   # 0 = off
+    c.trainer.sample_steps = 35
 
     if variant == "tiny":
         c.model = _model(model_channels=64, num_blocks=4, num_heads=4, adaln_lora_dim=16, vace_block_every_n=2,
@@ -172,7 +176,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.scheduler.warm_up_steps = 10
         c.scheduler.f_start = 0.1
         c.scheduler.cycle_length = 1000
-        c.trainer.update(dict(max_iter=50, save_iter=25, logging_iter=5))
+        c.trainer.update(dict(max_iter=50, save_iter=25, logging_iter=5, sample_iter=0))
     elif variant == "post_train_example":
         c.model = _model()
         c.vae = _vae()

@@ -194,16 +194,20 @@ def test_embedder_from_config_section(model_dir, embedder):
     from configs import transfer2_auto_multiview as cfg_file
 
     cfg = cfg_file.get_config("tiny")
+    with cfg.unlocked():
+        cfg.text.model_dir = ""
     with pytest.raises(ValueError, match="model_dir"):
         text_embed.TextEmbedder.from_config(cfg.text)
     with cfg.unlocked():
         cfg.text.model_dir = model_dir
+        cfg.text.batch_size = 3
     emb = text_embed.TextEmbedder.from_config(cfg.text)
-    assert emb.batch_size == 2 and emb.cfg == embedder.cfg
+    assert emb.batch_size == 3 and emb.cfg == embedder.cfg
     assert cfg_file.get_config("post_train_example").text.attention_backend == "cudnn"
 
 
 def test_parity_cli_text(model_dir, embedder, tmp_path):
+    from tools import parity
 
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps(CAPTIONS))

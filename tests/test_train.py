@@ -223,3 +223,17 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     typo = subprocess.run([sys.executable, "-m", "cosmos_jax.train", "--config.modle.dtype=float32"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert typo.returncode != 0 and "modle" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_periodic_samples_of_the_regular_and_ema_weights(tmp_path):
+    from cosmos_jax.data import video
+
+    config = tiny(tmp_path, "samples", trainer__max_iter=2, trainer__save_iter=2, trainer__sample_iter=2,
+                  trainer__sample_steps=2)
+    summary = trainer.train(config)
+    folder = os.path.join(summary["job_dir"], "samples")
+    assert sorted(os.listdir(folder)) == ["sample_ema_iter_000000002.mp4", "sample_reg_iter_000000002.mp4"]
+    for name in os.listdir(folder):
+        info = video.probe(os.path.join(folder, name))
+        # the 3x3 grid of the 7 views at the training resolution, the chunk's 5 frames
+        assert (info.height, info.width, info.num_frames) == (3 * config.data.height, 3 * config.data.width, 5)

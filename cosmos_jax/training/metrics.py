@@ -42,6 +42,12 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{k}", float(v), int(step))
             self._tb.flush()
 
+    def write_image(self, step: int, tag: str, image_hwc) -> None:
+        """A uint8 (H, W, 3) image in TensorBoard (e.g. a frame of a generated sample)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image_hwc, int(step), dataformats="HWC")
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

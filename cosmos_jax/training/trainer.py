@@ -374,6 +374,18 @@ def train(config, *, stop_after: int | None = None) -> dict:
                     (pbar.write if pbar is not None else print)(f"step {p.step + 1}: {msg}")
                 window.clear()
 
+        held_out = None
+
+        def generate_samples(n: int, sample: dict) -> None:
+            # the reference's every_n_sample_reg / _ema callbacks (35 steps, guidance 7), on the run's mesh
+            from cosmos_jax.inference import pipeline as infer_pipeline
+
+            frames = infer_pipeline.sample_during_training(state["model"], config, sample, n,
+                                                           os.path.join(jd, "samples"), mesh=mesh,
+                                                           num_steps=config.trainer.sample_steps)
+            for tag, video in frames.items():
+                logger.write_image(n, f"samples/{tag}", video[0])
+
         try:
             for step in range(start, config.trainer.max_iter):
                 if stop_after is not None and step - start >= stop_after:
@@ -388,10 +400,14 @@ def train(config, *, stop_after: int | None = None) -> dict:
                     n_views = vt // dit_cfg.state_t
                     flops_per_sample = flops_lib.train_step_flops(dit_cfg, n_views, dit_cfg.state_t, h, w)
                 batch = {k: distributed.global_batch_array(v, mesh, config.data.batch_size) for k, v in local.items()}
+                if held_out is None:
+                    held_out = local  # the sample the periodic generations show (the first batch of this run)
                 state, metrics = step_fn(state, batch)
                 if pending is not None:
                     finish(pending)
                 pending = _Pending(step, metrics, time.perf_counter())
+                if config.trainer.sample_iter and (step + 1) % config.trainer.sample_iter == 0:
+                    generate_samples(step + 1, held_out)
                 if (step + 1) % config.trainer.save_iter == 0 or step + 1 == config.trainer.max_iter:
                     finish(pending)
                     pending = None
