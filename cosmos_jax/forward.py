@@ -16,7 +16,6 @@ from ml_collections import config_flags
 
 from cosmos_jax import build
 from cosmos_jax.models import dit as dit_lib
-from cosmos_jax.parallel import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/transfer2_auto_multiview.py:tiny", "config file",
                                           lock_config=True)

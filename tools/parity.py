@@ -21,7 +21,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cosmos_jax import build  # noqa: E402
 from cosmos_jax.models import dit as dit_lib  # noqa: E402
 from cosmos_jax.models.dit_config import DiTConfig  # noqa: E402
 

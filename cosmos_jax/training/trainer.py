@@ -14,10 +14,8 @@ import json
 import os
 import shutil
 import time
-import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
