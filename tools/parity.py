@@ -83,6 +83,19 @@ def run_dit_case(case_dir: str, *, weights: str | None = None, inputs: str | Non
 # Training-loss cases (`shared/parity/train_loss/*`: case.json with the net under "network", weights.safetensors,
 # inputs.npz with x0, eps, u, k, text-dropout flags and the net's conditions)
 
+def _load_net_case(case_dir: str, weights: str | None, inputs: str | None, names):
+    """(cfg, params, inputs npz, model) of a case that runs the DiT (loss and sampler cases): its network, weights
+    (or `weights`) and inputs (or `inputs`), which must hold every array in `names`."""
+    cfg = load_case_config(case_dir)
+    params, cfg = load_case_params(case_dir, cfg, weights)
+    inputs_path = inputs or os.path.join(case_dir, "inputs.npz")
+    data = np.load(inputs_path)
+    missing = [k for k in names if k not in data.files]
+    if missing:
+        raise KeyError(f"{inputs_path}: missing inputs {missing}")
+    return cfg, params, data, dit_lib.MultiViewControlDiT(cfg)
+
+
 _LOSS_INPUT_NAMES = ("x0_B_C_T_H_W", "epsilon_B_C_T_H_W", "u_B", "num_conditional_frames_B", "text_dropped_B",
                      "latent_control_input", "crossattn_emb", "padding_mask", "view_indices_B_T", "control_weight")
 
@@ -91,15 +104,8 @@ def run_loss_case(case_dir: str, *, weights: str | None = None, inputs: str | No
     """fp32 reference training loss of a case (`flow.training_loss` on its net); every array of its output.npz."""
     from cosmos_jax.diffusion import flow
 
-    cfg = load_case_config(case_dir)
-    params, cfg = load_case_params(case_dir, cfg, weights)
-    inputs_path = inputs or os.path.join(case_dir, "inputs.npz")
-    data = np.load(inputs_path)
-    missing = [k for k in _LOSS_INPUT_NAMES if k not in data.files]
-    if missing:
-        raise KeyError(f"{inputs_path}: missing inputs {missing}")
+    cfg, params, data, model = _load_net_case(case_dir, weights, inputs, _LOSS_INPUT_NAMES)
     d = {k: jnp.asarray(data[k]) for k in _LOSS_INPUT_NAMES}
-    model = dit_lib.MultiViewControlDiT(cfg)
 
     def loss_fn(p, d):
         return flow.training_loss(
@@ -129,15 +135,8 @@ def run_sample_case(case_dir: str, *, weights: str | None = None, inputs: str | 
     frames) on its fp32 net; every array of its output.npz (final latent, grid, per-step debug arrays)."""
     from cosmos_jax.diffusion import sampling
 
-    cfg = load_case_config(case_dir)
-    params, cfg = load_case_params(case_dir, cfg, weights)
-    inputs_path = inputs or os.path.join(case_dir, "inputs.npz")
-    data = np.load(inputs_path)
-    missing = [k for k in _SAMPLE_INPUT_NAMES if k not in data.files]
-    if missing:
-        raise KeyError(f"{inputs_path}: missing inputs {missing}")
+    cfg, params, data, model = _load_net_case(case_dir, weights, inputs, _SAMPLE_INPUT_NAMES)
     num_steps, shift = int(data["num_steps"]), float(data["shift"])
-    model = dit_lib.MultiViewControlDiT(cfg)
     shared = {k: jnp.asarray(data[k]) for k in ("latent_control_input", "padding_mask", "view_indices_B_T")}
     mask = jnp.asarray(data["condition_video_input_mask_B_C_T_H_W"])
     shared["condition_video_input_mask_B_C_T_H_W"] = mask
