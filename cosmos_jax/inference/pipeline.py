@@ -481,11 +481,11 @@ def sample_during_training(model_state: dict, config, batch: dict, step: int, ou
         context = jnp.asarray(np.asarray(jax.device_get(batch["context"]))[:1], dit_cfg.dtype)
         _, c, vt, h, w = x0.shape
         n_views = vt // dit_cfg.state_t
-        if context.shape[-1] == dit_cfg.crossattn_proj_in_channels:  # raw embeddings: project them once
+        if not text_embed.context_is_projected(context.shape[-1], dit_cfg):  # raw embeddings: project them once
             context = _projector(dit_cfg)(frozen["crossattn_proj"], context)
         if uncond_context is None:  # a dropped caption: the projection of zeros, the same for every token
-            zeros = jnp.zeros((1, 1, dit_cfg.crossattn_proj_in_channels), dit_cfg.dtype)
-            uncond_context = jnp.broadcast_to(_projector(dit_cfg)(frozen["crossattn_proj"], zeros), context.shape)
+            uncond_context = jnp.broadcast_to(text_embed.dropped_context(frozen["crossattn_proj"], dit_cfg, 1),
+                                              context.shape)
         context, uncond_context = np.asarray(context), np.asarray(uncond_context)
     k = min(int(conditional_latent_frames), dit_cfg.state_t)
     mask = condition_mask([k] * n_views, dit_cfg.state_t, h, w)

@@ -161,6 +161,16 @@ def project_context(crossattn_proj_params, embeddings, dit_cfg) -> jax.Array:
     return dit_lib.project_text(crossattn_proj_params, embeddings, dit_cfg)
 
 
+def context_is_projected(context_width: int, dit_cfg) -> bool:
+    """Text contexts come raw (crossattn_proj_in_channels wide) or already projected (crossattn_emb_channels)."""
+    if context_width == dit_cfg.crossattn_emb_channels and context_width != dit_cfg.crossattn_proj_in_channels:
+        return True
+    if context_width == dit_cfg.crossattn_proj_in_channels:
+        return False
+    raise ValueError(f"text context width {context_width} is neither the raw embedding width "
+                     f"{dit_cfg.crossattn_proj_in_channels} nor the projected width {dit_cfg.crossattn_emb_channels}")
+
+
 def dropped_context(crossattn_proj_params, dit_cfg, n_tokens: int) -> jax.Array:
     """The projected context of a dropped caption: the projection of zeros (n_tokens, crossattn_emb_channels)."""
     zeros = jnp.zeros((1, n_tokens, dit_cfg.crossattn_proj_in_channels), dit_cfg.dtype)

@@ -27,6 +27,7 @@ from cosmos_jax import build
 from cosmos_jax.diffusion import flow
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.models.dit_config import DiTConfig
+from cosmos_jax.text import embed as text_embed
 from cosmos_jax.training import ema as ema_lib
 from cosmos_jax.training import optim
 
@@ -76,16 +77,6 @@ def init_state(params: dict, cfg: DiTConfig, step_cfg: StepConfig, optimizer, se
                         "nonfinite_steps": jnp.zeros((), jnp.int32)}}
 
 
-def context_is_projected(context_width: int, cfg: DiTConfig) -> bool:
-    """Text contexts come raw (crossattn_proj_in_channels wide) or already projected (crossattn_emb_channels)."""
-    if context_width == cfg.crossattn_emb_channels and context_width != cfg.crossattn_proj_in_channels:
-        return True
-    if context_width == cfg.crossattn_proj_in_channels:
-        return False
-    raise ValueError(f"text context width {context_width} is neither the raw embedding width "
-                     f"{cfg.crossattn_proj_in_channels} nor the projected width {cfg.crossattn_emb_channels}")
-
-
 def make_train_step(cfg: DiTConfig, step_cfg: StepConfig, optimizer: optax.GradientTransformation):
     """`train_step(state, batch) -> (state, metrics)`, to be jitted by the caller.
 
@@ -102,12 +93,11 @@ def make_train_step(cfg: DiTConfig, step_cfg: StepConfig, optimizer: optax.Gradi
         b = x0.shape[0]
         draws = flow.draw(k_draw, b, probs=step_cfg.conditional_frames_probs, text_dropout=step_cfg.text_dropout)
         eps = flow.noise(k_eps, x0.shape)
-        projected = context_is_projected(batch["context"].shape[-1], cfg)
+        projected = text_embed.context_is_projected(batch["context"].shape[-1], cfg)
         frozen = state["model"]["frozen"]
         dropped = None
         if projected:  # the projection of a zeroed (dropped) embedding: GELU(bias), the same for every token
-            zeros = jnp.zeros((1, 1, cfg.crossattn_proj_in_channels), cfg.dtype)
-            dropped = jnp.broadcast_to(dit_lib.project_text(frozen["crossattn_proj"], zeros, cfg),
+            dropped = jnp.broadcast_to(text_embed.dropped_context(frozen["crossattn_proj"], cfg, 1),
                                        batch["context"].shape).astype(batch["context"].dtype)
 
         def loss_fn(trainable):

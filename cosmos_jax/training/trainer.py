@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import optax
+from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cosmos_jax import build
@@ -186,7 +187,7 @@ def open_cache(config, spec: layout.SampleSpec):
 
 
 def make_source(config, spec: layout.SampleSpec):
-    """(Grain source, projected contexts or not known later) for the configured data path."""
+    """The Grain source of the configured data path: cached entries, or raw samples (encoded by OnlineEncoder)."""
     from cosmos_jax.data import cache as cache_lib
 
     if config.data.cache_dir:
@@ -288,7 +289,7 @@ def train(config, *, stop_after: int | None = None) -> dict:
         # (3) ---------------------------------------------------------------------------------------------------
         abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(dit_cfg, jax.random.key(0)))
         param_sh = mesh_lib.param_shardings(abstract_boxed, mesh)
-        abstract_params = dit_lib.abstract_params(dit_cfg)
+        abstract_params = nn.unbox(abstract_boxed)
         init_fn = lambda p: step_lib.init_state(p, dit_cfg, step_cfg, optimizer, config.seed)  # noqa: E731
         abstract_state = jax.eval_shape(init_fn, abstract_params)
         state_sh = state_shardings(abstract_state, param_sh, mesh, optimizer)
