@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices (context-parallel / FSDP tests) and the shared parity fixtures."""
+"""Test setup: 8 fake CPU devices (context-parallel / FSDP tests) and the parity fixtures in tests/fixtures."""
 
 import os
 
@@ -26,17 +26,17 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def shared_dir() -> pathlib.Path:
-    """`shared/` lies beside the checkout (CI and developer machines); COSMOS_JAX_SHARED overrides."""
-    path = pathlib.Path(os.environ.get("COSMOS_JAX_SHARED", REPO.parent / "shared"))
-    if not (path / "parity").is_dir():
-        raise RuntimeError(f"parity fixtures not found under {path}; set COSMOS_JAX_SHARED to the shared/ folder")
-    return path
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def fixtures_dir() -> pathlib.Path:
+    """The reference parity fixtures shipped with the repository (tests/fixtures, see its README)."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")
 def dit_parity() -> pathlib.Path:
-    return shared_dir() / "parity" / "dit_control"
+    return fixtures_dir() / "dit_control"
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +46,4 @@ def case_a(dit_parity) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def vae_case_a() -> pathlib.Path:
-    return shared_dir() / "parity" / "wan_vae" / "caseA"
+    return fixtures_dir() / "wan_vae" / "caseA"

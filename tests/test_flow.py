@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import shared_dir
+from tests.conftest import fixtures_dir
 from cosmos_jax.diffusion import flow
 from tools import parity
 
 
 @pytest.fixture(scope="module")
 def loss_case():
-    return shared_dir() / "parity" / "train_loss" / "lossA"
+    return fixtures_dir() / "train_loss" / "lossA"
 
 
 def _toy_net(scale=0.7):

@@ -1,5 +1,5 @@
 """The UniPC sampler and the denoising loop (cosmos_jax/diffusion/unipc.py, sampling.py) against the reference's
-sampler oracle (shared/parity/sampler/sampleA), hand values of the reference grid, and diffusers'
+sampler oracle (tests/fixtures/sampler/sampleA), hand values of the reference grid, and diffusers'
 UniPCMultistepScheduler (an independent implementation, torch) on a toy velocity field over full loops."""
 
 import json
@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import shared_dir
+from tests.conftest import fixtures_dir
 from cosmos_jax.diffusion import sampling, unipc
 from tools import parity
 
 
 @pytest.fixture(scope="module")
 def sample_case():
-    return shared_dir() / "parity" / "sampler" / "sampleA"
+    return fixtures_dir() / "sampler" / "sampleA"
 
 
 # ----------------------------------------------------------------------------------------------------------------
