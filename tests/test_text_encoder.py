@@ -18,6 +18,19 @@ from tests import tiny_qwen
 TOL = 1e-4
 LONG = " ".join(["a white truck passes a cyclist at the crossing"] * 120)  # > 512 tokens
 CAPTIONS = ["A white truck passes a cyclist at a crossing.", LONG, ""]
+# Reference literals (written out here, not imported from the code under test):
+# predict2/text_encoders/text_encoder.py L130-220 system prompt, and predict2_multiview/datasets/multiview.py
+# DEFAULT_CAPTION_PREFIXES (L63-71) in DEFAULT_CAMERAS order (view index 0..6).
+REFERENCE_SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
+REFERENCE_CAPTION_PREFIXES = (
+    "The video is captured from a camera mounted on a car. The camera is facing forward.",
+    "The video is captured from a camera mounted on a car. The camera is facing to the right.",
+    "The video is captured from a camera mounted on a car. The camera is facing the rear right side.",
+    "The video is captured from a camera mounted on a car. The camera is facing backwards.",
+    "The video is captured from a camera mounted on a car. The camera is facing the rear left side.",
+    "The video is captured from a camera mounted on a car. The camera is facing to the left.",
+    "The video is captured from a telephoto camera mounted on a car. The camera is facing forward.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +55,33 @@ def _hf_hidden(model_dir, ids):
     return [h.numpy() for h in out.hidden_states]
 
 
+def _hf_recipe(model_dir, ids):
+    """The reference recipe on HF's hidden states 1..L: each (h - mean) / (unbiased std + 1e-8), concatenated."""
+    import torch
+
+    hs = [torch.from_numpy(h) for h in _hf_hidden(model_dir, ids)]
+    return torch.cat([(h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8) for h in hs[1:]], -1).numpy()
+
+
+def _hf_token_ids(model_dir, captions, n=512):
+    """Token ids as the reference makes them, with transformers alone: apply_chat_template(tokenize=True) of the
+    system + user content lists, truncated to the first n or right-padded with the tokenizer's pad id."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    out = np.full((len(captions), n), tok.pad_token_id, np.int64)
+    for row, caption in enumerate(captions):
+        chat = [{"role": "system", "content": [{"type": "text", "text": REFERENCE_SYSTEM_PROMPT}]},
+                {"role": "user", "content": [{"type": "text", "text": caption}]}]
+        ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False, add_vision_id=False)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)[:n]
+        out[row, :len(ids)] = ids
+    return out
+
+
 def test_token_ids_follow_the_reference_recipe(embedder):
     tok = embedder.tokenizer
-    assert tok.text("hi there") == (f"<|im_start|>system\n{text_tok.SYSTEM_PROMPT}<|im_end|>\n"
+    assert tok.text("hi there") == (f"<|im_start|>system\n{REFERENCE_SYSTEM_PROMPT}<|im_end|>\n"
                                     "<|im_start|>user\nhi there<|im_end|>\n")
     ids = tok.ids(CAPTIONS)
     assert ids.shape == (3, 512) and ids.dtype == np.int32
@@ -68,11 +105,8 @@ def test_hidden_states_match_transformers(model_dir, embedder):
 
 
 def test_recipe_embeddings_match_transformers(model_dir, embedder):
-    import torch
-
     ids = embedder.tokenizer.ids(CAPTIONS)
-    hs = [torch.from_numpy(h) for h in _hf_hidden(model_dir, ids)]
-    want = torch.cat([(h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8) for h in hs[1:]], -1).numpy()
+    want = _hf_recipe(model_dir, ids)
     with jax.default_matmul_precision("highest"):
         got = embedder(CAPTIONS)
     assert got.shape == (3, 512, 3 * 64) == want.shape
@@ -154,13 +188,10 @@ def test_fsdp_sharded_encoder_equals_single_device(embedder):
 
 
 def test_per_view_captions_and_assembly():
-    from cosmos_jax import cameras
-
     train = text_embed.training_view_captions("A truck.")
-    assert len(train) == 7
-    assert train[0] == cameras.CAPTION_PREFIXES["camera_front_wide_120fov"] + " A truck."
-    assert train[3] == cameras.CAPTION_PREFIXES["camera_rear_tele_30fov"] + " "
-    assert all("A truck." not in t for t in train[1:])
+    # reference ExtractFramesAndCaptions: f"{prefix} {caption}" on the front-wide camera, f"{prefix} " elsewhere
+    assert train == [REFERENCE_CAPTION_PREFIXES[0] + " A truck."] + [p + " " for p in REFERENCE_CAPTION_PREFIXES[1:]]
+    assert train[3] == "The video is captured from a camera mounted on a car. The camera is facing backwards. "
     assert text_embed.inference_view_captions("go", 3) == ["go", " ", " "]
     neg = text_embed.negative_view_captions(2, primary=1)
     assert neg[0] == " " and neg[1].startswith("The video captures a series of frames showing ugly scenes")
@@ -206,7 +237,8 @@ def test_embedder_from_config_section(model_dir, embedder):
     assert cfg_file.get_config("post_train_example").text.attention_backend == "cudnn"
 
 
-def test_parity_cli_text(model_dir, embedder, tmp_path):
+def test_parity_cli_text(model_dir, tmp_path):
+    """The CLI's token ids and embeddings against transformers alone (HF tokenizer + chat template, HF model)."""
     from tools import parity
 
     captions = tmp_path / "captions.json"
@@ -214,6 +246,9 @@ def test_parity_cli_text(model_dir, embedder, tmp_path):
     out = tmp_path / "text.npz"
     parity.main(["text", "--model-dir", model_dir, "--captions", str(captions), "--out", str(out)])
     data = np.load(out)
-    np.testing.assert_array_equal(data["token_ids"], embedder.tokenizer.ids(CAPTIONS))
-    with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(data["embeddings"], embedder(CAPTIONS), atol=1e-5)
+    want_ids = _hf_token_ids(model_dir, CAPTIONS)
+    assert want_ids[0, -1] == want_ids[2, -1] != want_ids[1, -1]  # short captions padded, the long one truncated
+    np.testing.assert_array_equal(data["token_ids"], want_ids)
+    want = _hf_recipe(model_dir, want_ids)
+    assert data["embeddings"].shape == want.shape == (3, 512, 3 * 64)
+    assert np.max(np.abs(data["embeddings"] - want)) <= TOL

@@ -86,9 +86,13 @@ def test_chunked_equals_whole_clip(tiny):
 
 
 def test_batch_chunks_cover_every_video():
+    """Every video is processed once, in order, in a group of the expected size (the function adds 100 x the size of
+    the group it was called on, so a wrong grouping changes the result)."""
     x = jnp.arange(7 * 2.0).reshape(7, 2)
-    for bc in (0, 1, 2, 3, 7, 9):
-        np.testing.assert_array_equal(wan_vae._over_batch(lambda a: a * 2 + a.shape[0] * 0, x, bc), x * 2)
+    for bc, groups in ((0, [7] * 7), (1, [1] * 7), (2, [2] * 6 + [1]), (3, [3] * 6 + [1]), (7, [7] * 7),
+                       (9, [7] * 7)):
+        got = wan_vae._over_batch(lambda a: a * 2 + 100 * a.shape[0], x, bc)
+        np.testing.assert_array_equal(got, x * 2 + 100 * np.asarray(groups, np.float32)[:, None], err_msg=str(bc))
 
 
 def test_fold2d_memory_fallback_is_the_same_conv(monkeypatch):

@@ -135,3 +135,64 @@ def test_pt_that_is_not_a_state_dict(tmp_path):
     torch.save({"model": {"a": torch.zeros(1)}, "step": 3}, path)
     with pytest.raises(torch_io.WeightFileError, match="not tensors"):
         torch_io.load_state_dict(path)
+
+
+# local (per-device) shapes on a data 1 x fsdp 2 x context 4 mesh, derived by hand from the sharding table in
+# parallel/mesh.py: "embed" / "kv_embed" / "text_in" / "modulation" -> fsdp x context (8 ways, first use only),
+# "heads" / "mlp" / "embed_out" -> tensor (1), "layers" / "lora" / "norm" / "views" / "patch_in" -> whole
+MESH_LOCAL_SHAPES = {
+    ("blocks", "block", "mlp", "layer1", "kernel"): (4, 8, 256),        # layers, embed, mlp
+    ("blocks", "block", "mlp", "layer2", "kernel"): (4, 256, 8),        # layers, mlp, embed
+    ("blocks", "block", "self_attn", "q_proj", "kernel"): (4, 8, 64),   # layers, embed, heads
+    ("blocks", "block", "cross_attn", "k_proj", "kernel"): (4, 4, 64),  # layers, kv_embed (32 / 8), heads
+    ("blocks", "block", "adaln_modulation_mlp", "up", "kernel"): (4, 16, 24),  # layers, lora, modulation
+    ("blocks", "block", "self_attn", "q_norm", "scale"): (4, 16),       # layers, norm
+    ("control_blocks", "block", "after_proj", "kernel"): (2, 8, 64),    # layers, embed, embed_out
+    ("control_blocks", "block", "after_proj", "bias"): (2, 64),
+    ("crossattn_proj", "kernel"): (6, 32),                              # text_in (48 / 8), kv_embed: axes used
+    ("t_embedder_linear_2", "kernel"): (8, 192),                        # embed, modulation: axes already used
+    ("final_linear", "kernel"): (8, 64),                                # embed, patch_out
+    ("control_embedder", "kernel"): (772, 64),                          # patch_in, embed_out
+    ("view_embeddings",): (7, 7),                                       # views, norm
+}
+
+
+def test_case_a_weights_on_an_fsdp_context_mesh(case, case_a):
+    """caseA's weights placed by build.init_params on 8 devices (FSDP x context): the expected shards, the file's
+    values, and a sharded forward (batch over fsdp, frames over context, Ulysses attention) equal to the fixture."""
+    import jax
+
+    from cosmos_jax import build
+    from cosmos_jax.models import dit as dit_lib
+    from cosmos_jax.parallel import mesh as mesh_lib
+
+    cfg, sd = case
+    mesh = mesh_lib.make_mesh(fsdp=2, context=4)
+    params = build.init_params(cfg, mesh, weights=str(case_a / "weights.safetensors"))
+    flat = {tuple(k.key for k in path): a for path, a in jax.tree_util.tree_leaves_with_path(params)}
+    for path, local in MESH_LOCAL_SHAPES.items():
+        a = flat[path]
+        assert a.sharding.mesh == mesh and a.sharding.shard_shape(a.shape) == local, (path, a.sharding.spec)
+        assert a.sharding.is_fully_replicated == (local == a.shape), path
+    total = sum(a.size for a in flat.values())
+    per_device = sum(int(np.prod(a.sharding.shard_shape(a.shape))) for a in flat.values())
+    assert per_device < 0.25 * total  # FSDP: a device holds a fraction of the weights (embedders stay whole)
+    # the values are the file's: Linear weights transposed, stacked blocks in order
+    np.testing.assert_array_equal(np.asarray(flat[("blocks", "block", "mlp", "layer1", "kernel")])[3],
+                                  sd["blocks.3.mlp.layer1.weight"].T)
+    np.testing.assert_array_equal(np.asarray(flat[("crossattn_proj", "kernel")]), sd["crossattn_proj.0.weight"].T)
+    np.testing.assert_array_equal(np.asarray(flat[("control_blocks", "block", "after_proj", "bias")])[1],
+                                  sd["control_blocks.1.after_proj.bias"])
+
+    # forward on the mesh: the case's sample twice (the batch splits over fsdp 2), its 4 frames over context 4
+    args = parity.load_case_inputs(str(case_a / "inputs.npz"))
+    weight = args.pop("control_weight")
+    args = {k: np.concatenate([np.asarray(v)] * 2) for k, v in args.items()}
+    model = dit_lib.MultiViewControlDiT(cfg)
+    with jax.default_matmul_precision("highest"), jax.set_mesh(mesh):
+        out = jax.jit(lambda p, a: model.apply({"params": p}, **a, control_weight=weight))(params, args)
+    assert out.sharding.shard_shape(out.shape)[0] == 1 and not out.sharding.is_fully_replicated
+    ref = np.load(case_a / "output.npz")["out_B_C_T_H_W"]
+    out = np.asarray(out)
+    for i in range(2):
+        assert np.max(np.abs(out[i:i + 1] - ref)) <= 1e-4, i
