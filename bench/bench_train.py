@@ -109,23 +109,28 @@ def parent(args) -> None:
     rows = []
     plan = ([(int(v), r) for v, r in (x.split(":") for x in args.rows.split(","))] if args.rows else
             [(int(v), r) for v in args.views.split(",") for r in args.remat.split(",")])
-    for v, remat in plan:
-        argv = ["--child", "--views", str(v), "--remat", remat, "--attention", args.attention,
+    for (v, remat), backend in [(p, b) for p in plan for b in args.attention.split(",")]:
+        argv = ["--child", "--views", str(v), "--remat", remat, "--attention", backend,
                 "--iters", str(args.iters), "--height", str(args.height), "--width", str(args.width)]
-        for r in run_isolated(__file__, argv, f"{v} views {remat}", out):
+        for r in run_isolated(__file__, argv, f"{v} views {remat} {backend}", out):
             if "step_s" in r:
                 r["mfu_vs_matmul"] = r["model_tflops"] * 1e12 / mm
                 r["mfu_vs_785"] = r["model_tflops"] * 1e12 / NOMINAL
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{'views':>5} {'remat':>22} {'tokens':>7} {'compile s':>9} {'step s':>8} {'peak GiB':>8} "
-          f"{'TFLOP/s':>8} {'x matmul':>8} {'x 785':>6}")
+    first = {}
+    for r in rows:  # the first backend of each (views, remat) row is the baseline of the others
+        if "step_s" in r:
+            first.setdefault((r["views"], r["remat"]), r["step_s"])
+    print(f"\n{'views':>5} {'remat':>22} {'attn':>5} {'tokens':>7} {'compile s':>9} {'step s':>8} {'peak GiB':>8} "
+          f"{'TFLOP/s':>8} {'x matmul':>8} {'x 785':>6} {'x first':>7}")
     for r in rows:
         if "step_s" not in r:
-            print(f"{r['views']:>5} {r['remat']:>22} {r['tokens']:>7} {r.get('error', '?')[:70]}")
+            print(f"{r['views']:>5} {r['remat']:>22} {r['attention']:>5} {r['tokens']:>7} {r.get('error', '?')[:70]}")
             continue
-        print(f"{r['views']:>5} {r['remat']:>22} {r['tokens']:>7} {r['compile_s']:>9.1f} {r['step_s']:>8.2f} "
-              f"{r['peak_gib']:>8.1f} {r['model_tflops']:>8.1f} {r['mfu_vs_matmul']:>8.3f} {r['mfu_vs_785']:>6.3f}")
+        print(f"{r['views']:>5} {r['remat']:>22} {r['attention']:>5} {r['tokens']:>7} {r['compile_s']:>9.1f} "
+              f"{r['step_s']:>8.2f} {r['peak_gib']:>8.1f} {r['model_tflops']:>8.1f} {r['mfu_vs_matmul']:>8.3f} "
+              f"{r['mfu_vs_785']:>6.3f} {first[(r['views'], r['remat'])] / r['step_s']:>7.3f}")
 
 
 def main():
@@ -133,7 +138,8 @@ def main():
     ap.add_argument("--views", default="1,2", help="comma list of view counts (720p, 8 latent frames each)")
     ap.add_argument("--remat", default="save_attention", help="comma list of remat policies")
     ap.add_argument("--rows", default="", help="views:remat pairs instead of the product, e.g. 1:save_attention,7:full")
-    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--attention", default="cudnn", help="comma list of attention backends (the first is the "
+                    "baseline of the 'x first' column)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--height", type=int, default=90, help="latent height (720p -> 90)")
     ap.add_argument("--width", type=int, default=160)

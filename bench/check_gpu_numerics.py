@@ -1,6 +1,7 @@
-"""GPU numerics of the cuDNN path: the DiT in bf16 with cuDNN attention vs the same weights in fp32 with XLA.
+"""GPU numerics of the attention backends: the DiT in bf16 with cuDNN / FA3 attention vs the same weights in fp32
+with XLA.
 
-    python bench/check_gpu_numerics.py
+    python bench/check_gpu_numerics.py [xla,cudnn,fa3]
 
 Uses a small random net with the real head_dim (128) so the cuDNN kernels of the production shapes run; also checks
 Ulysses context parallelism is a no-op on one device and that the remat policies do not change gradients.
@@ -49,8 +50,9 @@ def main():
 
     with jax.default_matmul_precision("highest"):
         ref_out, ref_g = run(cfg32, params, inputs)
-    for backend in ("xla", "cudnn"):
-        for policy in ("none", "full", "save_attention"):
+    backends = [b.strip() for b in (sys.argv[1] if len(sys.argv) > 1 else "xla,cudnn,fa3").split(",")]
+    for backend in backends:
+        for policy in ("none", "full", "save_attention", "save_self_attention"):
             cfg = dataclasses.replace(cfg32, dtype=jnp.bfloat16, attention_backend=backend, remat_policy=policy)
             out, g = run(cfg, params, inputs)
             g_err = max(rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))

@@ -8,6 +8,7 @@ from flax import linen as nn
 
 from cosmos_jax.models import dit as dit_lib, wan_vae
 from cosmos_jax.models.dit_config import DiTConfig
+from cosmos_jax.ops import attention as attn_ops
 from cosmos_jax.parallel import mesh as mesh_lib
 from cosmos_jax.weights import keymap, torch_io, vae_keymap
 
@@ -31,9 +32,15 @@ def mesh_from(mesh_cfg):
 
 
 def dit_config_from(model_cfg) -> DiTConfig:
-    """DiTConfig from the `model` section of an ml_collections config."""
+    """DiTConfig from the `model` section of an ml_collections config; attention_backend 'auto' is resolved for
+    this process's devices (ops/attention.py resolve_backend: fa3 on Hopper when installed, else cudnn on GPUs,
+    else xla), and an explicit backend that cannot run here is an error naming the field."""
     kw = {k: model_cfg[k] for k in _ARCH_FIELDS}
-    return DiTConfig.real_2b(**kw, dtype=model_cfg.dtype, attention_backend=model_cfg.attention_backend,
+    try:
+        backend = attn_ops.resolve_backend(model_cfg.attention_backend)
+    except attn_ops.AttentionBackendError as e:
+        raise ValueError(f"model.attention_backend: {e}") from None
+    return DiTConfig.real_2b(**kw, dtype=model_cfg.dtype, attention_backend=backend,
                              remat_policy=model_cfg.remat_policy)
 
 

@@ -27,6 +27,10 @@ from cosmos_jax.parallel.mesh import constrain, unsharded_activations, video_axe
 # ----------------------------------------------------------------------------------------------------------------
 # Activation checkpointing policies (chosen by name in the config)
 # ----------------------------------------------------------------------------------------------------------------
+# names the fa3 attention wrapper gives its kernel's saved tensors (ops/attention.py `_flash_fwd`), per call site
+FA3_SAVED = {site: (f"{site}_kernel_out", f"{site}_kernel_lse") for site in ("self_attn", "cross_attn")}
+
+
 def _is_attention_forward(prim, *_, **__) -> bool:
     # The cuDNN flash-attention forward primitive; saving its outputs (incl. the softmax statistics) lets the
     # backward pass skip recomputing attention, as the reference's "aggressive" SAC policy saves flash-attn outputs.
@@ -56,6 +60,8 @@ def _is_self_attention_forward(cross_attn_keys: int):
 def remat_policy(name: str, cross_attn_keys: int = 512):
     """None = no rematerialisation; otherwise a `jax.checkpoint` policy.
 
+    With the fa3 backend the attention policies save the kernel's named output and log-sum-exp
+    (`FA3_SAVED`, named inside our custom_vjp), so its backward kernel runs from them without a forward rerun.
     On GPU (cudnn backend) the attention policies also save the cuDNN forward outputs (attention output and
     softmax statistics, inside the Ulysses shard_map) so the backward pass does not rerun the attention kernel; the
     named `*_attn_out` tensors are the outputs after the back all-to-all, which the output projection needs. With
@@ -68,16 +74,18 @@ def remat_policy(name: str, cross_attn_keys: int = 512):
     also keeps its cuDNN output, statistics and 'cross_attn_out'). Gradients agree with the other policies.
     """
     cp = jax.checkpoint_policies
-    attention = cp.save_from_both_policies(cp.save_only_these_names("self_attn_out", "cross_attn_out"),
+    self_names = ("self_attn_out",) + FA3_SAVED["self_attn"]
+    cross_names = ("cross_attn_out",) + FA3_SAVED["cross_attn"]
+    attention = cp.save_from_both_policies(cp.save_only_these_names(*self_names, *cross_names),
                                            _is_attention_forward)
     policies = {
         "none": None,
         "full": cp.nothing_saveable,
         # reference predict2_2b_720_aggressive: keep attention outputs, recompute everything else
         "save_attention": attention,
-        # keep only the self-attention output + its cuDNN statistics; the cheap (512-key) cross-attention is
+        # keep only the self-attention output + its kernel statistics; the cheap (512-key) cross-attention is
         # recomputed with everything else
-        "save_self_attention": cp.save_from_both_policies(cp.save_only_these_names("self_attn_out"),
+        "save_self_attention": cp.save_from_both_policies(cp.save_only_these_names(*self_names),
                                                           _is_self_attention_forward(cross_attn_keys)),
         "save_dots": cp.dots_with_no_batch_dims_saveable,
         "save_attention_and_dots": cp.save_from_both_policies(attention, cp.dots_with_no_batch_dims_saveable),

@@ -9,6 +9,13 @@ Backends
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention, GPU, bf16/fp16 only).
          cuDNN's backward rejects odd lengths and is fastest on multiples of 64, so sequences are padded to a
          multiple of 64 and the true lengths are passed as `query_seq_lengths` / `key_value_seq_lengths`.
+  fa3    FlashAttention-3 (Hopper, bf16/fp16, head_dim 128) through the `flash-attn3-jax` wheel's XLA FFI kernels,
+         any sequence length. Its forward and backward kernels are wrapped in our own `jax.custom_vjp` whose
+         forward names the kernel's output and log-sum-exp (`<site>_kernel_out`, `<site>_kernel_lse`, site
+         `self_attn` or `cross_attn`), so a remat policy that saves those names keeps the backward from rerunning
+         the attention forward (a policy cannot see inside the wheel's own custom_vjp).
+  auto   (config value only, resolved by `resolve_backend`) fa3 where it is installed and the GPU is Hopper, else
+         cudnn on GPUs, else xla.
 
 The DiT's ops take video-shaped tensors q [B, T, S, H, D] (T = latent frames of all views, S = tokens of a frame),
 laid out as the activations are (`mesh.video_axes`: the context axis splits T, or S when it does not divide T), so
@@ -27,14 +34,22 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from cosmos_jax.parallel import mesh as mesh_lib
 
 CUDNN_SEQ_MULTIPLE = 64
+BACKENDS = ("xla", "cudnn", "fa3")
+FA3_HEAD_DIMS = (128,)  # the head dims the published flash-attn3-jax wheels are built for (SM90)
+
+
+class AttentionBackendError(ValueError):
+    """An attention backend that cannot run here or on this shape; the message says which and why."""
 
 
 def _round_up(n: int, m: int) -> int:
@@ -66,23 +81,143 @@ def _cudnn_attention(q, k, v, q_len: int, kv_len: int):
                                         implementation="cudnn")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# FlashAttention-3
+
+
+class Kernels(NamedTuple):
+    """A flash-attention kernel pair: fwd(q, k, v, softmax_scale) -> (out [B,S,H,D], lse f32 [B,H,S]);
+    bwd(dout, q, k, v, out, lse, softmax_scale) -> (dq, dk, dv)."""
+    fwd: Callable
+    bwd: Callable
+
+
+@functools.lru_cache(maxsize=1)
+def fa3_kernels() -> Kernels:
+    """The flash-attn3-jax kernels (its forward/backward primitives, not its custom_vjp: see the module docstring)."""
+    try:
+        from flash_attn3_jax import flash as fa3
+    except ImportError as e:
+        raise AttentionBackendError(f"attention backend 'fa3' needs the flash-attn3-jax wheel (pip install "
+                                    f"'cosmos-jax[gpu]' or flash-attn3-jax==0.2.3): {e}") from None
+    cfg = dict(is_causal=False, window_size=(-1, -1))
+    return Kernels(fwd=lambda q, k, v, scale: tuple(fa3._flash_mha_fwd(q, k, v, softmax_scale=scale, **cfg)),
+                   bwd=lambda do, q, k, v, o, lse, scale: tuple(
+                       fa3._flash_mha_bwd(do, q, k, v, o, lse, softmax_scale=scale, **cfg)))
+
+
+def xla_kernels() -> Kernels:
+    """The same kernel contract in plain XLA (any device): the reference the fa3 wrapper is tested against on CPU."""
+    def fwd(q, k, v, scale):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        probs = jnp.exp(logits - lse[..., None])
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.astype(q.dtype), lse
+
+    def bwd(do, q, k, v, o, lse, scale):  # the flash-attention backward from the saved statistics
+        f32 = jnp.float32
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
+        probs = jnp.exp(logits - lse[..., None])
+        dv = jnp.einsum("bhqk,bqhd->bkhd", probs, do.astype(f32))
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do.astype(f32), v.astype(f32))
+        delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(f32), o.astype(f32))
+        ds = probs * (dp - delta[..., None]) * scale
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(f32))
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(f32))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    return Kernels(fwd, bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, site: str, kernels: Kernels):
+    return kernels.fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]))[0]
+
+
+def _flash_fwd(q, k, v, site, kernels):
+    out, lse = kernels.fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    out = checkpoint_name(out, f"{site}_kernel_out")
+    lse = checkpoint_name(lse, f"{site}_kernel_lse")
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(site, kernels, res, dout):
+    q, k, v, out, lse = res
+    return tuple(kernels.bwd(dout, q, k, v, out, lse, 1.0 / math.sqrt(q.shape[-1])))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def check_fa3_shape(q) -> None:
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise AttentionBackendError(f"fa3 attention needs bf16/fp16 inputs, got {q.dtype}; use "
+                                    "attention_backend='xla' for fp32")
+    if q.shape[-1] not in FA3_HEAD_DIMS:
+        raise AttentionBackendError(f"fa3 attention: head_dim {q.shape[-1]} is not built into the flash-attn3-jax "
+                                    f"wheel (supported: {FA3_HEAD_DIMS}); use attention_backend='cudnn'")
+
+
+def flash_attention(q, k, v, *, site: str, kernels: Kernels | None = None):
+    """FlashAttention-3 on one device (no padding needed); `kernels` overrides the kernel pair (tests)."""
+    if kernels is None:
+        check_fa3_shape(q)
+        kernels = fa3_kernels()
+    return _flash(q, k, v, site, kernels)
+
+
+def _is_hopper(device) -> bool:
+    return getattr(device, "platform", "") == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+
+
+def resolve_backend(name: str, devices=None) -> str:
+    """A config's attention backend -> one of BACKENDS. 'auto': fa3 when the wheel imports and every device is a
+    Hopper GPU, else cudnn on GPUs, else xla. 'fa3' is checked here, so a run that cannot use it stops before
+    compiling with a message naming the reason."""
+    devices = jax.devices() if devices is None else list(devices)
+    gpu = bool(devices) and all(getattr(d, "platform", "") == "gpu" for d in devices)
+    if name == "auto":
+        if gpu and all(_is_hopper(d) for d in devices):
+            try:
+                fa3_kernels()
+                return "fa3"
+            except AttentionBackendError:
+                return "cudnn"
+        return "cudnn" if gpu else "xla"
+    if name not in BACKENDS:
+        raise AttentionBackendError(f"attention_backend {name!r}: expected 'auto' or one of {BACKENDS}")
+    if name == "fa3":
+        if not (gpu and all(_is_hopper(d) for d in devices)):
+            kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
+            raise AttentionBackendError(f"attention_backend 'fa3' needs Hopper GPUs (SM90); this run has {kinds}")
+        fa3_kernels()
+    return name
+
+
 def _pad_seq(x, length: int):
     if x.shape[1] == length:
         return x
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def local_attention(q, k, v, *, backend: str, q_len: int | None = None, kv_len: int | None = None):
-    """Attention on one device, q [B, Sq, H, D]. `q_len`/`kv_len`: true lengths when the tail of q / k,v is padding."""
+def local_attention(q, k, v, *, backend: str, q_len: int | None = None, kv_len: int | None = None,
+                    site: str = "attn"):
+    """Attention on one device, q [B, Sq, H, D]. `q_len`/`kv_len`: true lengths when the tail of q / k,v is padding.
+    `site` names the fa3 kernel's saved tensors for remat policies (`self_attn`, `cross_attn`)."""
     q_len = q.shape[1] if q_len is None else q_len
     kv_len = k.shape[1] if kv_len is None else kv_len
+    if backend == "fa3":
+        if q_len < q.shape[1] or kv_len < k.shape[1]:
+            raise AttentionBackendError("fa3 attention takes unpadded sequences (no q_len / kv_len)")
+        return flash_attention(q, k, v, site=site)
     if backend == "xla":
         return _xla_attention(q, k, v, kv_len)
     if backend == "cudnn":
         sq, skv = _round_up(q.shape[1], CUDNN_SEQ_MULTIPLE), _round_up(k.shape[1], CUDNN_SEQ_MULTIPLE)
         out = _cudnn_attention(_pad_seq(q, sq), _pad_seq(k, skv), _pad_seq(v, skv), q_len, kv_len)
         return out[:, : q.shape[1]]
-    raise ValueError(f"unknown attention backend {backend!r} (expected 'xla' or 'cudnn')")
+    raise AttentionBackendError(f"unknown attention backend {backend!r} (expected one of {BACKENDS})")
 
 
 def attention(q, k, v, *, backend: str):
@@ -113,7 +248,7 @@ def self_attention(q, k, v, *, backend: str):
     def attend(q, k, v):  # the full sequence of some heads, on one device
         bl, tl, sl, hl, d = q.shape
         flat = [z.reshape(bl, tl * sl, hl, d) for z in (q, k, v)]
-        return local_attention(*flat, backend=backend).reshape(q.shape)
+        return local_attention(*flat, backend=backend, site="self_attn").reshape(q.shape)
 
     if _sharded_mesh() is None:
         return attend(q, k, v)
@@ -154,7 +289,7 @@ def group_cross_attention(q, k, v, *, backend: str):
         bl, tl, sl, hl, d = q.shape
         gl, m = k.shape[1], k.shape[2]
         out = local_attention(q.reshape(bl * gl, (tl // gl) * sl, hl, d), k.reshape(bl * gl, m, hl, d),
-                              v.reshape(bl * gl, m, hl, d), backend=backend)
+                              v.reshape(bl * gl, m, hl, d), backend=backend, site="cross_attn")
         return out.reshape(q.shape)
 
     if _sharded_mesh() is None:
