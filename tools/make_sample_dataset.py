@@ -7,6 +7,9 @@ Each sample is an ego car driving down a straight multi-lane road with other car
 auto-multiview rig (each at its own heading and field of view): `videos/` holds shaded RGB renders (sky, asphalt,
 lane markings, car boxes), `control_input_hdmap_bbox/` the matching HDMap-style renders (lane lines and box
 outlines in flat colours on black), `captions/` one caption for the front camera. Deterministic for a seed.
+
+    python tools/make_sample_dataset.py /tmp/ws --control worldscenario   # controls by the reference-faithful
+                                                                          # world-scenario renderer, f-theta rig
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ RIG = {
     "camera_front_tele_30fov": (0.0, 30.0),
 }
 LANES = (-5.25, -1.75, 1.75, 5.25)  # lane-line lateral offsets (m)
+CONTROL_ROUTES = ("synthetic", "worldscenario")
 CAM_HEIGHT = 1.6
 
 
@@ -44,18 +48,26 @@ def _scene(rng: np.random.Generator, n_cars: int = 6):
     return xs, ys, vs, cols
 
 
-def _render(heading: float, fov: float, h: int, w: int, t: float, ego_speed: float, cars, control: bool):
+def _pinhole_rays(heading: float, fov: float, h: int, w: int):
+    """Per-pixel ray directions (ego frame: x forward, y left, z up) of a pinhole camera yawed by `heading`, and
+    the image-plane row coordinate (sky shading)."""
     f = (w / 2) / math.tan(math.radians(fov) / 2)
     u = (np.arange(w) - w / 2 + 0.5) / f
     v = (np.arange(h) - h / 2 + 0.5) / f
     uu, vv = np.meshgrid(u, v)
-    # ray directions in the ego frame (x forward, y left, z up) for a camera yawed by `heading`
     ch, sh = math.cos(math.radians(heading)), math.sin(math.radians(heading))
-    dx, dy, dz = ch - sh * (-uu), sh + ch * (-uu), -vv
+    return (ch - sh * (-uu), sh + ch * (-uu), -vv), vv
+
+
+def _shade_ground(dirs, vv, origin, t: float, ego_speed: float, control: bool, dash=(3.0, 9.0)):
+    """Sky, asphalt, grass and lane markings seen along `dirs` from `origin` (ego frame, metres)."""
+    dx, dy, dz = dirs
+    ox, oy, oz = origin
+    h, w = dx.shape
     img = np.zeros((h, w, 3), np.float32)
     ground = dz < -1e-3
-    tt = np.where(ground, CAM_HEIGHT / np.maximum(-dz, 1e-3), 0.0)
-    gx, gy = dx * tt, dy * tt  # ground hit point (0 above the horizon; masked by `ground` below)
+    tt = np.where(ground, oz / np.maximum(-dz, 1e-3), 0.0)
+    gx, gy = dx * tt + ox, dy * tt + oy  # ground hit point (masked by `ground` below)
     dist = np.where(ground, np.sqrt(gx ** 2 + gy ** 2), np.inf)
     if not control:
         img[:] = np.stack([0.45 + 0.3 * (1 + vv.clip(-1, 1)) / 2] * 2 + [0.85 + 0 * vv], -1)  # sky
@@ -67,9 +79,17 @@ def _render(heading: float, fov: float, h: int, w: int, t: float, ego_speed: flo
         dashed = (k in (1, 2))
         on = ground & (np.abs(gy - y0) < 0.12) & (dist < 80)
         if dashed:
-            on &= np.mod(gx + ego_speed * t, 9.0) < 3.0
+            on &= np.mod(gx + ego_speed * t, dash[1]) < dash[0]
         img[on] = (np.array([0.1, 0.9, 0.9]) if control else np.array([0.92, 0.92, 0.85])) if dashed else \
             (np.array([0.95, 0.85, 0.1]) if control else np.array([0.95, 0.95, 0.9]))
+    return img
+
+
+def _render(heading: float, fov: float, h: int, w: int, t: float, ego_speed: float, cars, control: bool):
+    dirs, vv = _pinhole_rays(heading, fov, h, w)
+    img = _shade_ground(dirs, vv, (0.0, 0.0, CAM_HEIGHT), t, ego_speed, control)
+    ch, sh = math.cos(math.radians(heading)), math.sin(math.radians(heading))
+    f = (w / 2) / math.tan(math.radians(fov) / 2)
     xs, ys, vs, cols = cars
     order = np.argsort(-np.hypot(xs + vs * t, ys))  # far to near
     for i in order:
@@ -98,20 +118,100 @@ def _render(heading: float, fov: float, h: int, w: int, t: float, ego_speed: flo
     return (img.clip(0, 1) * 255).astype(np.uint8)
 
 
+# ------------------------------------------------------------------------------- world-scenario control route
+# `--control worldscenario`: the controls are rendered by cosmos_jax.worldscenario (the reference renderer's
+# pixels) from a scene built here, through the default f-theta rig; the RGB views are ray-cast through the same
+# cameras so both line up. Long-dashed lines are 3 m on / 9 m off as the reference draws them.
+CAR_LWH = (4.5, 1.9, 1.5)
+ROAD_X = (-120.0, 600.0)
+
+
+def _ws_scene(cameras, cars, ego_speed: float, frames: int, fps: float):
+    from cosmos_jax.worldscenario import rig, scene as ws
+
+    ts = np.round(np.arange(frames) * 1e6 / fps).astype(np.int64)
+    ego = np.tile(np.eye(4), (frames, 1, 1))
+    ego[:, 0, 3] = ego_speed * ts / 1e6
+    road = np.array([[ROAD_X[0], 0, 0], [ROAD_X[1], 0, 0]], np.float64)
+    lines = [ws.Laneline(f"lane{k}", road + [0, y0, 0], "WHITE",
+                         "LONG_DASHED_SINGLE" if k in (1, 2) else "SOLID_SINGLE") for k, y0 in enumerate(LANES)]
+    xs, ys, vs, _ = cars
+    tracks = {}
+    for i in range(len(xs)):
+        centers = np.stack([xs[i] + (vs[i] + ego_speed) * ts / 1e6, np.full(frames, ys[i]),
+                            np.full(frames, CAR_LWH[2] / 2)], axis=1)
+        tracks[f"car{i:02d}"] = ws.Track(f"car{i:02d}", "Automobile", True, ts, centers,
+                                         np.tile(CAR_LWH, (frames, 1)), np.tile(np.eye(3), (frames, 1, 1)))
+    return ws.Scene("synthetic", ts, ego, rig.default_rig(cameras), lanelines=lines, tracks=tracks,
+                    road_boundaries=[ws.Polyline(f"edge{s}", road + [0, s * 9.0, 0]) for s in (-1, 1)],
+                    source_fps=fps)
+
+
+def _ws_rgb(cam, cam_to_ego, h: int, w: int, t: float, ego_speed: float, cars):
+    """RGB view through an f-theta camera: shaded ground along its pixel rays, cars as shaded rectangles."""
+    from cosmos_jax.worldscenario import geometry, transforms
+    from cosmos_jax.worldscenario.ftheta import project
+
+    uu, vv = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    rays = cam.pixel_to_ray(np.stack([uu, vv], -1)) @ cam_to_ego[:3, :3].T
+    dirs = (rays[..., 0], rays[..., 1], rays[..., 2])
+    img = _shade_ground(dirs, -rays[..., 2], cam_to_ego[:3, 3], t, ego_speed, False, dash=(3.0, 12.0))
+    xs, ys, vs, cols = cars
+    for i in np.argsort(-np.hypot(xs + vs * t, ys)):  # far to near
+        center = np.array([xs[i] + vs[i] * t, ys[i], CAR_LWH[2] / 2])
+        corners = geometry.cuboid_corners(CAR_LWH, transforms.pose_matrix(np.eye(3), center))
+        uvd = project(cam, corners, cam_to_ego)
+        if np.any(uvd[:, 2] < 0.5):
+            continue
+        x0, x1 = int(max(uvd[:, 0].min(), 0)), int(min(uvd[:, 0].max(), w))
+        y0, y1 = int(max(uvd[:, 1].min(), 0)), int(min(uvd[:, 1].max(), h))
+        if x1 > x0 and y1 > y0:
+            img[y0:y1, x0:x1] = cols[i] / 255.0 * np.linspace(1.0, 0.7, y1 - y0)[:, None, None]
+    return (img.clip(0, 1) * 255).astype(np.uint8)
+
+
+def _ws_clips(cameras, cars, ego_speed: float, frames: int, fps: float, height: int, width: int):
+    """{camera: (rgb (T,H,W,3), control (T,H,W,3))} with controls from the world-scenario renderer."""
+    from cosmos_jax.worldscenario import render
+
+    scene = _ws_scene(cameras, cars, ego_speed, frames, fps)
+    opts = render.RenderOptions(height=height, width=width, line_scale=width / render.RESOLUTION[1])
+    static = render.prepare_static(scene, opts.compat)
+    times = scene.timestamps.astype(np.float64)
+    out = {}
+    for name in cameras:
+        cam = render.camera_model(scene, name, opts)
+        control = render.render_camera(scene, name, times, static, opts)
+        c2e = scene.cameras[name].camera_to_vehicle
+        rgb = np.stack([_ws_rgb(cam, c2e, height, width, i / fps, ego_speed, cars) for i in range(frames)])
+        out[name] = (rgb, control)
+    return out
+
+
 def make_dataset(root: str, *, samples: int = 2, frames: int = 33, height: int = 176, width: int = 320,
-                 fps: float = 10.0, seed: int = 0, cameras=cams.CAMERAS, crf: int = 28) -> list[str]:
-    """Write `samples` samples under `root`; returns their names."""
+                 fps: float = 10.0, seed: int = 0, cameras=cams.CAMERAS, crf: int = 28,
+                 control: str = "synthetic") -> list[str]:
+    """Write `samples` samples under `root`; returns their names. `control`: "synthetic" (flat-colour pinhole
+    renders, fast) or "worldscenario" (cosmos_jax.worldscenario's reference-faithful HDMap renders through the
+    default f-theta rig, RGB ray-cast through the same cameras)."""
+    if control not in CONTROL_ROUTES:
+        raise ValueError(f"control must be one of {CONTROL_ROUTES}, got {control!r}")
     names = []
     for s in range(samples):
         rng = np.random.default_rng(seed + s)
         name = f"synthetic_{seed + s:04d}"
         cars = _scene(rng)
         ego = float(rng.uniform(5, 12))
+        if control == "worldscenario":
+            clips = _ws_clips(cameras, cars, ego, frames, fps, height, width)
         for cam in cameras:
-            heading, fov = RIG[cam]
-            for kind, control in (("videos", False), ("control_input_hdmap_bbox", True)):
-                clip = np.stack([_render(heading, fov, height, width, i / fps, ego, cars, control)
-                                 for i in range(frames)])
+            for kind, is_control in (("videos", False), ("control_input_hdmap_bbox", True)):
+                if control == "worldscenario":
+                    clip = clips[cam][int(is_control)]
+                else:
+                    heading, fov = RIG[cam]
+                    clip = np.stack([_render(heading, fov, height, width, i / fps, ego, cars, is_control)
+                                     for i in range(frames)])
                 folder = os.path.join(root, kind, f"ftheta_{cam}")
                 os.makedirs(folder, exist_ok=True)
                 video.write_video(os.path.join(folder, f"{name}.mp4"), clip, fps, crf=crf)
@@ -136,9 +236,13 @@ def main(argv=None):
     ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crf", type=int, default=28)
+    ap.add_argument("--control", choices=CONTROL_ROUTES, default="synthetic",
+                    help="synthetic: flat-colour pinhole HDMap renders (fast, the default); worldscenario: the "
+                         "reference-faithful renderer (cosmos_jax.worldscenario) through the default f-theta rig, "
+                         "RGB views ray-cast through the same cameras (slower: ~0.1-0.5 s per camera-frame)")
     args = ap.parse_args(argv)
     names = make_dataset(args.root, samples=args.samples, frames=args.frames, height=args.height, width=args.width,
-                         fps=args.fps, seed=args.seed, crf=args.crf)
+                         fps=args.fps, seed=args.seed, crf=args.crf, control=args.control)
     print(f"wrote {len(names)} samples x {len(cams.CAMERAS)} cameras to {args.root}")
 
 
