@@ -32,7 +32,7 @@ def test_variants_build_the_right_networks():
 
 def test_post_train_example_hyper_parameters_are_the_reference_values():
     """Every training hyper-parameter of post_train_example against the reference's values, written out here (not
-    read from our defaults). Sources: shared/docs/reference_pipeline.md (file / line of the reference given there)."""
+    read from our defaults). Sources: docs/reference_pipeline.md (file / line of the reference given there)."""
     from cosmos_jax.training import ema as ema_lib, optim
     from cosmos_jax.training import step as step_lib
 

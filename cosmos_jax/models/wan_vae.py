@@ -1,7 +1,7 @@
 """Wan2.1 VAE (Cosmos-Transfer2.5 `wan2pt1_tokenizer`): causal 3D conv encoder/decoder, 8x spatial, 4x temporal.
 
 Reference: `cosmos_transfer2/_src/predict2/tokenizers/wan2pt1.py` (`WanVAE_`, `Encoder3d`, `Decoder3d`, `Resample`,
-`ResidualBlock`, `AttentionBlock`, `CausalConv3d`, `RMS_norm`); notes in `shared/docs/wan_vae.md`.
+`ResidualBlock`, `AttentionBlock`, `CausalConv3d`, `RMS_norm`); notes in `docs/wan_vae.md`.
 
 Layout here is channels-last, `x_B_T_H_W_C`. Every module takes `(x, cache)` and returns `(y, cache)`: `cache=None`
 means "first call of a clip" (zero history, and the first-frame rules of the temporal resamples); otherwise it
