@@ -1,27 +1,35 @@
-"""Forward pass of the multiview control DiT on random inputs (the demo until training lands).
+r"""One forward pass of the multiview control DiT on random inputs: a smoke test of the network, the mesh and a
+weight file. It writes nothing; without `--config.model.weights` the weights are random too.
 
-    python -m cosmos_jax.forward --config configs/transfer2_auto_multiview.py:tiny
+    python -m cosmos_jax.forward                                  # tiny network, random weights (CPU, seconds)
     python -m cosmos_jax.forward --config configs/transfer2_auto_multiview.py:post_train_example \
-        --config.model.weights=/ckpts/model_ema_bf16.pt
+        --config.model.weights=/ckpts/model_ema_bf16.pt --config.shape.views=7
+    python -m cosmos_jax.forward --config configs/transfer2_auto_multiview.py:tiny --print_config
+
+The config keys and their meaning are in the config file (configs/transfer2_auto_multiview.py: its docstring and
+a comment at every field); this tool reads `model`, `mesh`, `seed` and `shape` (the random input's batch, views and
+latent height x width). `--print_config` prints the resolved config and exits.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
-import jax
-import numpy as np
-from absl import app
-from ml_collections import config_flags
+from cosmos_jax import cli as cli_lib
 
-from cosmos_jax import build
-from cosmos_jax.models import dit as dit_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/transfer2_auto_multiview.py:tiny", "config file",
-                                          lock_config=True)
+PROG = "python -m cosmos_jax.forward"
+DEFAULT_CONFIG = f"{cli_lib.CONFIG_FILE}:tiny"
 
 
-def run(config) -> np.ndarray:
+def run(config):
+    """The forward pass of `config` on random inputs; prints a summary and returns the output (numpy)."""
+    import jax
+    import numpy as np
+
+    from cosmos_jax import build
+    from cosmos_jax.models import dit as dit_lib
+
     mesh = build.mesh_from(config.mesh)
     cfg = build.dit_config_from(config.model)
     with jax.set_mesh(mesh):
@@ -37,16 +45,41 @@ def run(config) -> np.ndarray:
         out = jax.block_until_ready(fwd(params, inputs))
         t2 = time.perf_counter()
     n_params = dit_lib.count_params(params)
-    print(f"{config.variant}: {n_params / 1e6:.2f} M params on mesh {dict(mesh.shape)}; "
-          f"out_B_C_T_H_W {tuple(out.shape)} mean {float(out.mean()):.4f} std {float(out.std()):.4f}; "
-          f"first call {t1 - t0:.2f} s (compile), second {t2 - t1:.3f} s")
+    weights = (f"weights from {config.model.weights}" if config.model.weights
+               else f"RANDOM weights (seed {config.seed}; --config.model.weights=FILE loads real ones)")
+    print(f"{config.variant}: {n_params / 1e6:.2f} M params, {weights}, on mesh {dict(mesh.shape)}")
+    print(f"random inputs {s.batch} x {s.views} views x {s.height}x{s.width} latent -> out_B_C_T_H_W "
+          f"{tuple(out.shape)} mean {float(out.mean()):.4f} std {float(out.std()):.4f}; first call "
+          f"{t1 - t0:.2f} s (compile), second {t2 - t1:.3f} s")
+    print("smoke test only: nothing was written (train: python -m cosmos_jax.train; generate: "
+          "python -m cosmos_jax.infer)")
     return np.asarray(out)
 
 
-def main(argv):
-    del argv
-    run(_CONFIG.value)
+def main(argv=None) -> int:
+    from absl import flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = flags.FlagValues()
+    print_flag = flags.DEFINE_bool("print_config", False, "print the resolved config (overrides applied) and exit",
+                                   flag_values=fv)
+    flags.DEFINE_bool("debug", False, cli_lib.DEBUG_HELP, flag_values=fv)
+    config_flag = cli_lib.define_config_flag(fv, argv, DEFAULT_CONFIG)
+    rest = cli_lib.parse_flags(fv, argv, doc=__doc__, prog=PROG)
+    if rest:
+        raise cli_lib.UsageError(f"unexpected arguments {rest} (see {PROG} --help)")
+    config = cli_lib.config_value(config_flag)
+    if print_flag.value:
+        cli_lib.print_config(config)
+        return 0
+    run(config)
+    return 0
+
+
+def cli() -> None:
+    """The command line: errors as one line (cosmos_jax/cli.py)."""
+    cli_lib.entry(main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli()

@@ -20,7 +20,9 @@ CKPT: a reference/exported `.pt` (its `net.*` weights, as the reference loads th
 (a job's checkpoints/ dir = its latest step); directories give their EMA weights unless --noema.
 The run config (model, VAE, text encoder, resolution data.height x data.width, mesh) defaults to post_train_example;
 `--config FILE:VARIANT`, `--experiment NAME` and `--config.x=y` choose another. `--num_gpus=N` uses the first N
-devices (= --config.mesh.num_devices=N), `--context_parallel_size=N` sets --config.mesh.context=N.
+devices (= --config.mesh.num_devices=N), `--context_parallel_size=N` sets --config.mesh.context=N. The config
+keys and their meaning are in the config file (configs/transfer2_auto_multiview.py: its docstring and a comment at
+every field); `--print_config` prints the resolved run config and exits.
 Outputs in OUT_DIR: <name>.mp4 (or <name>_<view>.mp4 + <name>_grid.mp4), <name>.json, config.json.
 """
 
@@ -32,14 +34,16 @@ import sys
 
 from absl import flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(_REPO, "configs", "transfer2_auto_multiview.py")
+from cosmos_jax import cli as cli_lib
+
+PROG = "python -m cosmos_jax.infer"
+CONFIG_FILE = cli_lib.CONFIG_FILE
 DEFAULT_VARIANT = "post_train_example"
 # flags of the reference's setup arguments that have no meaning here (no guardrails, ...): accepted, ignored
 _IGNORED_BOOL = ("disable_guardrails", "offload_guardrail_models", "keep_going")
 
 
-class CliError(ValueError):
+class CliError(cli_lib.UsageError):
     """A bad command line; one line naming the flag."""
 
 
@@ -52,6 +56,7 @@ class InferArgs:
     overrides: dict
     ema: bool = True
     debug: bool = False
+    print_config: bool = False
 
     def comparable(self) -> dict:
         """Everything, with the config as a plain dict (tests compare command-line forms)."""
@@ -126,63 +131,68 @@ def _config_aliases() -> dict:
 
 
 def _define(fv: flags.FlagValues, argv: list[str]):
-    from ml_collections import config_flags
-
     from cosmos_jax.inference import spec as spec_lib
 
     h = {}
-    h["spec"] = flags.DEFINE_multi_string("spec", [], "spec file(s): .json (one sample) or .jsonl (one per line)",
+    h["spec"] = flags.DEFINE_multi_string("spec", [], "spec file(s): .json (one sample) or .jsonl (one per line); "
+                                          "repeatable (also -i A B ..., --input_files, --params_file)",
                                           flag_values=fv)
-    h["output_dir"] = flags.DEFINE_string("output_dir", None, "output directory", short_name="o", flag_values=fv)
+    h["output_dir"] = flags.DEFINE_string("output_dir", None, "output directory (created if missing)", short_name="o",
+                                          flag_values=fv)
     h["checkpoint_path"] = flags.DEFINE_string("checkpoint_path", None, "weights: .pt file, DCP or Orbax checkpoint "
                                                "(default: config.model.weights)", flag_values=fv)
     h["ema"] = flags.DEFINE_bool("ema", True, "checkpoint directories: load the EMA weights (--noema: regular)",
                                  flag_values=fv)
-    h["debug"] = flags.DEFINE_bool("debug", False, "show Python tracebacks for errors", flag_values=fv)
+    h["print_config"] = flags.DEFINE_bool("print_config", False, "print the resolved run config (overrides applied) "
+                                          "and exit", flag_values=fv)
+    h["debug"] = flags.DEFINE_bool("debug", False, cli_lib.DEBUG_HELP, flag_values=fv)
     for name in _IGNORED_BOOL:
         flags.DEFINE_bool(name, None, "accepted for the reference's command lines; no effect", flag_values=fv)
+    flags.DEFINE_string("experiment", None, "the reference's experiment name = --config=FILE:NAME (alias "
+                        "transfer2_auto_multiview_post_train_example = post_train_example)", flag_values=fv)
+    flags.DEFINE_integer("num_gpus", None, "use the first N devices (= --config.mesh.num_devices=N)", flag_values=fv)
+    flags.DEFINE_integer("context_parallel_size", None, "= --config.mesh.context=N", flag_values=fv)
     h["fields"] = {}
     for field in spec_lib.OVERRIDABLE:
         if isinstance(spec_lib.DEFAULTS[field], bool):
             h["fields"][field] = flags.DEFINE_bool(field, None, f"override the spec's {field}", flag_values=fv)
         else:
             h["fields"][field] = flags.DEFINE_string(field, None, f"override the spec's {field}", flag_values=fv)
-    h["config"] = config_flags.DEFINE_config_file("config", f"{CONFIG_FILE}:{DEFAULT_VARIANT}",
-                                                  "run config (FILE:VARIANT)", flag_values=fv, lock_config=True,
-                                                  sys_argv=argv)
+    h["config"] = cli_lib.define_config_flag(fv, argv[1:], f"{CONFIG_FILE}:{DEFAULT_VARIANT}",
+                                         help_string="run config: " + cli_lib.CONFIG_HELP)
     return h
 
 
-_BAD_FLAG = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
-
-
 def parse_args(argv: list[str]) -> InferArgs:
-    """The command line -> InferArgs (CliError on a bad flag; spec files are read later)."""
+    """The command line (argv[0] = the program) -> InferArgs (CliError on a bad flag; spec files are read later).
+    `--help` prints the flags and exits 0."""
     from cosmos_jax.inference import spec as spec_lib
 
     argv = normalize_argv(list(argv))
     fv = flags.FlagValues()
     try:
         h = _define(fv, argv)
-        if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-            print(__doc__ + "\nFlags:\n" + fv.get_help(include_special_flags=False))
-            sys.exit(0)
-        rest = fv(argv)
-    except _BAD_FLAG as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise CliError(str(msg)) from None
-    if len(rest) > 1:
-        raise CliError(f"unexpected arguments {rest[1:]} (spec files go after --spec or -i)")
+        rest = cli_lib.parse_flags(fv, argv[1:], doc=__doc__, prog=PROG)
+        config = cli_lib.config_value(h["config"])
+    except cli_lib.UsageError as e:
+        raise CliError(str(e)) from None
+    if h["print_config"].value:
+        return InferArgs(specs=[], output_dir="", checkpoint_path="", config=config, overrides={},
+                         debug=h["debug"].value, print_config=True)
+    if rest:
+        raise CliError(f"unexpected arguments {rest} (spec files go after --spec or -i)")
     if not h["spec"].value:
         raise CliError("no spec file: give --spec FILE.json|FILE.jsonl (or -i / --params_file)")
     if not h["output_dir"].value:
         raise CliError("no output directory: give -o / --output_dir DIR")
-    config = h["config"].value
     ckpt = h["checkpoint_path"].value or config.model.weights
     if not ckpt:
         raise CliError("no weights: give --checkpoint_path (a .pt file, a DCP or an Orbax checkpoint)")
     if not os.path.exists(ckpt):
         raise CliError(f"--checkpoint_path={ckpt}: no such file or directory")
+    out = h["output_dir"].value
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--output_dir={out}: exists and is not a directory")
     overrides = {}
     for field, holder in h["fields"].items():
         if holder.value is None:
@@ -193,44 +203,35 @@ def parse_args(argv: list[str]) -> InferArgs:
         except spec_lib.SpecError as e:
             raise CliError(str(e)) from None
     return InferArgs(specs=[os.path.abspath(s) for s in h["spec"].value],
-                     output_dir=os.path.abspath(h["output_dir"].value), checkpoint_path=os.path.abspath(ckpt),
+                     output_dir=os.path.abspath(out), checkpoint_path=os.path.abspath(ckpt),
                      config=config, overrides=overrides, ema=h["ema"].value, debug=h["debug"].value)
 
 
-def one_line(msg) -> str:
-    return " ".join(str(msg).strip().split())
-
-
-def _fail(msg, code: int):
-    print(f"error: {one_line(msg)}", file=sys.stderr)
-    sys.exit(code)
-
-
 def main(args: InferArgs) -> int:
+    """Generate every sample of `args`; errors propagate (`cli` prints them as one line)."""
+    if args.print_config:
+        cli_lib.print_config(args.config)
+        return 0
     from absl import logging
 
     from cosmos_jax.inference import pipeline, spec as spec_lib
 
     if not args.debug:
         logging.set_verbosity(logging.WARNING)
-    try:
-        samples = spec_lib.load_specs(args.specs, args.overrides)
-        pipeline.run(args.config, samples, args.output_dir, args.checkpoint_path, ema=args.ema)
-    except (ValueError, RuntimeError, OSError) as e:
-        if args.debug:
-            raise
-        _fail(e, 1)
+    samples = spec_lib.load_specs(args.specs, args.overrides)
+    pipeline.run(args.config, samples, args.output_dir, args.checkpoint_path, ema=args.ema)
     return 0
 
 
-def run():
-    try:
-        args = parse_args(sys.argv)
-    except CliError as e:
-        _fail(e, 2)
-    flags.FLAGS.mark_as_parsed()  # absl users (logging, Grain) see parsed flags
-    sys.exit(main(args))
+def main_argv(argv=None) -> int:
+    """`python -m cosmos_jax.infer ARGS` (argv without the program) without the error handling of `cli.run`."""
+    return main(parse_args([PROG] + list(sys.argv[1:] if argv is None else argv)))
+
+
+def cli() -> None:
+    """The command line (also the console script of pyproject.toml): errors as one line (cosmos_jax/cli.py)."""
+    cli_lib.entry(main_argv)
 
 
 if __name__ == "__main__":
-    run()
+    cli()

@@ -21,6 +21,9 @@ def test_case_a_output_matches_reference(case_a):
 
 
 def test_case_a_intermediates_match_reference(case_a):
+    """Every activation recorded in intermediates.npz is compared (a new key in the fixture fails this test until
+    it is compared too)."""
+    cfg = parity.load_case_config(str(case_a))
     _, inter = parity.run_dit_case(str(case_a), capture_intermediates=True)
     ref = np.load(case_a / "intermediates.npz")
     pairs = {
@@ -32,13 +35,23 @@ def test_case_a_intermediates_match_reference(case_a):
         "t_embedder_out.1": inter["t_embedder_out_1"][0],
         "t_embedding_norm_out_B_T_D": inter["t_embedding_norm_out_B_T_D"][0],
         "final_layer_out_B_T_H_W_O": inter["final_layer_out_B_T_S_O"][0],
+        # RoPE angles [V*T*H'*W', 1, 1, head_dim] of the case's 2 views x 2 frames x 4 x 6 tokens
+        "rope_freqs_L_1_1_D.n_cameras_2": rope_lib.rope_angles(cfg, n_views=2, t=2, h=4, w=6),
     }
     blocks = inter["blocks"]["out_B_T_S_D"][0]
     for i in range(blocks.shape[0]):
         pairs[f"blocks.{i}.out_B_T_H_W_D"] = blocks[i]
+    # control block i: [hint_0 .. hint_i, control state after block i] (the reference's out_stack)
+    control_state, hints = inter["control_blocks"]["out_B_T_S_D"], inter["control_blocks"]["hint_B_T_S_D"]
+    assert control_state.shape[0] == hints.shape[0] == cfg.num_control_blocks == 2
+    for i in range(cfg.num_control_blocks):
+        pairs[f"control_blocks.{i}.out_stack"] = np.concatenate([hints[: i + 1], control_state[i:i + 1]], axis=0)
+    assert sorted(pairs) == sorted(ref.files), "intermediates recorded in the fixture but not compared (or absent)"
     for name, mine in pairs.items():
         want = ref[name]
-        err = np.max(np.abs(np.asarray(mine).reshape(want.shape) - want))
+        mine = np.asarray(mine)
+        assert mine.size == want.size, f"{name}: {mine.shape} vs {want.shape}"
+        err = np.max(np.abs(mine.reshape(want.shape) - want))
         assert err <= TOL, f"{name}: max |diff| {err}"
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from configs import transfer2_auto_multiview as config_lib
 from cosmos_jax import build
+from cosmos_jax import cli as cli_lib
 from cosmos_jax.models.dit_config import DiTConfig
 from cosmos_jax.training import checkpoint as ckpt_lib
 from cosmos_jax.training import step as step_lib
@@ -482,7 +483,7 @@ cli.main([{str(tiny['ckpt'])!r}, {str(out)!r}, "--no-progress"])
 # ------------------------------------------------------------------------------------------------ bad input
 
 def _cli_error(capsys, *argv) -> str:
-    assert export_cli.main([*map(str, argv), "--no-progress"]) == 1
+    assert cli_lib.run(export_cli.main, [*map(str, argv), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
@@ -517,7 +518,7 @@ def test_malformed_inputs_give_named_errors(tiny, dcp, tmp_path, capsys):
 
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(dcp_io.DcpError):
-        export_cli.main([str(model), str(out), "--debug"])
+        cli_lib.run(export_cli.main, [str(model), str(out), "--debug"])
 
 
 def test_load_network_params_refuses_mismatched_files(tiny, tmp_path):

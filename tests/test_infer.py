@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import transfer2_auto_multiview as cfg_file
-from cosmos_jax import build, infer
+from cosmos_jax import build, cli, infer
 from cosmos_jax.data import video
 from cosmos_jax.inference import pipeline, spec as spec_lib
 from cosmos_jax.training import checkpoint as ckpt_lib
@@ -222,11 +222,8 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, capsys):
     bad = folder / "bad.json"
     bad.write_text(json.dumps(example(fps=3)))
     out = tmp_path / "out"
-    args = infer.parse_args(["infer", "--config", TINY, "--spec", str(bad), "-o", str(out), "--checkpoint_path",
-                             str(ckpt)])
-    with pytest.raises(SystemExit) as e:
-        infer.main(args)
-    assert e.value.code == 1
+    argv = ["--config", TINY, "--spec", str(bad), "-o", str(out), "--checkpoint_path", str(ckpt)]
+    assert cli.run(infer.main_argv, argv) == 2  # what `python -m cosmos_jax.infer ...` does
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {bad}: fps:"), err
     assert not out.exists()

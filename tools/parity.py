@@ -1,16 +1,15 @@
-"""Run a reference parity case (the fixture formats of `shared/parity/*`) through the JAX port and write its output.
+"""Run a reference parity case (the fixture formats of `tests/fixtures/*`) through the JAX port and write its output.
 
-    python tools/parity.py dit --case ../shared/parity/dit_control/caseA --out /tmp/out.npz
+    python tools/parity.py dit --case tests/fixtures/dit_control/caseA --out /tmp/out.npz
     python tools/parity.py dit --case DIR --weights DIR/../dcp/converted/model_ema_fp32.pt --out OUT.npz
-    python tools/parity.py loss --case ../shared/parity/train_loss/lossA --out /tmp/loss.npz
-    python tools/parity.py sample --case ../shared/parity/sampler/sampleA --out /tmp/sample.npz
-    python tools/parity.py vae --case ../shared/parity/wan_vae/caseA --out /tmp/vae.npz
+    python tools/parity.py loss --case tests/fixtures/train_loss/lossA --out /tmp/loss.npz
+    python tools/parity.py sample --case tests/fixtures/sampler/sampleA --out /tmp/sample.npz
+    python tools/parity.py vae --case tests/fixtures/wan_vae/caseA --out /tmp/vae.npz
     python tools/parity.py text --model-dir /ckpts/Cosmos-Reason1-7B --captions captions.json --out /tmp/text.npz
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -74,13 +73,19 @@ def run_dit_case(case_dir: str, *, weights: str | None = None, inputs: str | Non
     model = dit_lib.MultiViewControlDiT(cfg)
     with jax.default_matmul_precision("highest"):
         if capture_intermediates:
-            out, state = model.apply({"params": params}, **args, mutable=["intermediates"])
-            return np.asarray(out), jax.tree.map(np.asarray, state["intermediates"])
+            # the sown activations, plus each control block's (state, hint) output captured by Flax
+            out, state = model.apply({"params": params}, **args, mutable=["intermediates"],
+                                     capture_intermediates=lambda mdl, _: isinstance(mdl, dit_lib._ControlLayer))
+            inter = jax.tree.map(np.asarray, state["intermediates"])
+            if "control_blocks" in inter:  # [n_control_blocks, B, T, S, D] each
+                state_c, hints = inter["control_blocks"].pop("__call__")[0]
+                inter["control_blocks"].update(out_B_T_S_D=state_c, hint_B_T_S_D=hints)
+            return np.asarray(out), inter
         return np.asarray(jax.jit(lambda p, a: model.apply({"params": p}, **a))(params, args))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training-loss cases (`shared/parity/train_loss/*`: case.json with the net under "network", weights.safetensors,
+# Training-loss cases (`tests/fixtures/train_loss/*`: case.json with the net under "network", weights.safetensors,
 # inputs.npz with x0, eps, u, k, text-dropout flags and the net's conditions)
 
 def _load_net_case(case_dir: str, weights: str | None, inputs: str | None, names):
@@ -121,7 +126,7 @@ def run_loss_case(case_dir: str, *, weights: str | None = None, inputs: str | No
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampler cases (`shared/parity/sampler/*`: case.json with the net under "network" and the sampler settings,
+# Sampler cases (`tests/fixtures/sampler/*`: case.json with the net under "network" and the sampler settings,
 # weights.safetensors, inputs.npz with the initial noise, gt, conditioning mask, control latent, text embeddings)
 
 _SAMPLE_INPUT_NAMES = ("noise_B_C_T_H_W", "gt_B_C_T_H_W", "condition_video_input_mask_B_C_T_H_W",
@@ -163,7 +168,7 @@ def run_sample_case(case_dir: str, *, weights: str | None = None, inputs: str | 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Wan2.1 VAE cases (`shared/parity/wan_vae/*`: manifest.json, weights.safetensors, io.npz with x in NCTHW)
+# Wan2.1 VAE cases (`tests/fixtures/wan_vae/*`: manifest.json, weights.safetensors, io.npz with x in NCTHW)
 
 
 def load_vae_case_config(case_dir: str, **overrides):
@@ -268,62 +273,134 @@ def run_text_case(model_dir: str, captions_json: str) -> dict[str, np.ndarray]:
 
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="what", required=True)
-    dit = sub.add_parser("dit", help="multiview control DiT forward (fp32)")
+PROG = "tools/parity.py"
+
+
+def _check_inputs(args) -> None:
+    """Every file the sub-command reads exists and parses, so that a bad one is one line naming it (cli_lib.UsageError)
+    before any model work; the output folder exists."""
+    from cosmos_jax import cli as cli_lib
+
+    def need_file(path, what):
+        if not os.path.isfile(path):
+            raise cli_lib.UsageError(f"{path}: no such {what}" + (" (not a file)" if os.path.exists(path) else ""))
+
+    def need_json(path, what):
+        need_file(path, what)
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (ValueError, UnicodeError) as e:
+            raise cli_lib.UsageError(f"{path}: not a valid JSON {what} ({e})") from None
+
+    def need_npz(path, what):
+        import zipfile
+
+        need_file(path, what)
+        if not zipfile.is_zipfile(path):
+            raise cli_lib.UsageError(f"{path}: not an .npz archive (a zip of .npy arrays)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("a single array, not an .npz archive")
+        except Exception as e:  # noqa: BLE001 - numpy raises many types for a file that is not an .npz
+            raise cli_lib.UsageError(f"{path}: not a readable .npz {what} ({type(e).__name__}: {e})") from None
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise cli_lib.UsageError(f"--out={args.out}: the folder {out_dir} does not exist")
+    if args.what == "text":
+        if not os.path.isdir(args.model_dir):
+            raise cli_lib.UsageError(f"--model-dir={args.model_dir}: no such directory")
+        need_json(args.captions, "captions file")
+        return
+    if not os.path.isdir(args.case):
+        raise cli_lib.UsageError(f"--case={args.case}: no such case directory")
+    if args.what == "vae":
+        need_json(os.path.join(args.case, "manifest.json"), "case manifest")
+        need_file(os.path.join(args.case, "weights.safetensors"), "weight file")
+        need_npz(os.path.join(args.case, "io.npz"), "input file")
+        return
+    need_json(os.path.join(args.case, "case.json"), "case description")
+    need_file(args.weights or os.path.join(args.case, "weights.safetensors"), "weight file")
+    need_npz(args.inputs or os.path.join(args.case, "inputs.npz"), "input file")
+
+
+def main(argv=None) -> int:
+    """Run one case; errors propagate (the command line prints them as one line through `cli.run`)."""
+    from cosmos_jax import cli as cli_lib
+
+    ap = cli_lib.ArgumentParser(prog=PROG, description=__doc__)
+    sub = ap.add_subparsers(dest="what", required=True, metavar="{dit,loss,sample,vae,text}",
+                            help="which kind of case (each has its own --help)")
+    dit = sub.add_parser("dit", help="multiview control DiT forward (fp32)", description="multiview control DiT "
+                         "forward (fp32) of a tests/fixtures/dit_control case")
     dit.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
     dit.add_argument("--out", required=True, help="output .npz (key out_B_C_T_H_W)")
     dit.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
     dit.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
-    loss = sub.add_parser("loss", help="rectified-flow training loss of the multiview control DiT (fp32)")
+    loss = sub.add_parser("loss", help="rectified-flow training loss of the multiview control DiT (fp32)",
+                          description="the reference training loss (fp32) of a tests/fixtures/train_loss case")
     loss.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
     loss.add_argument("--out", required=True, help="output .npz (sigma, timesteps, x_t, v_target, net_x_input, "
                       "net_out_raw, v_pred, per_sample_loss, loss, crossattn_emb_fed, condition_mask)")
     loss.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
     loss.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
-    smp = sub.add_parser("sample", help="UniPC + CFG sampling loop on the multiview control DiT (fp32)")
+    smp = sub.add_parser("sample", help="UniPC + CFG sampling loop on the multiview control DiT (fp32)",
+                         description="the reference sampling loop (fp32) of a tests/fixtures/sampler case")
     smp.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
     smp.add_argument("--out", required=True, help="output .npz (samples_B_C_T_H_W, sigmas, timesteps, "
                      "x_after_step, velocity_cfg_per_step, net_timesteps_per_step, predictor_order_per_step, "
                      "v_cond_step0, v_uncond_step0, net_x_input_step0)")
     smp.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
     smp.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
-    vae = sub.add_parser("vae", help="Wan2.1 VAE encode + decode (fp32)")
+    vae = sub.add_parser("vae", help="Wan2.1 VAE encode + decode (fp32)",
+                         description="Wan2.1 VAE encode + decode (fp32) of a tests/fixtures/wan_vae case")
     vae.add_argument("--case", required=True, help="folder with manifest.json, weights.safetensors, io.npz (x)")
     vae.add_argument("--out", required=True, help="output .npz (mu_raw, logvar_raw, latent, recon; NCTHW)")
-    text = sub.add_parser("text", help="caption embeddings of the reference recipe (fp32)")
+    text = sub.add_parser("text", help="caption embeddings of the reference recipe (fp32)",
+                          description="caption embeddings of the reference recipe (fp32)")
     text.add_argument("--model-dir", required=True, help="local Hugging Face Qwen2.5-VL directory (config, "
                       "safetensors, tokenizer files)")
     text.add_argument("--captions", required=True, help="JSON list of caption strings")
     text.add_argument("--out", required=True, help="output .npz (embeddings [N, 512, layers*hidden], token_ids)")
     args = ap.parse_args(argv)
+    _check_inputs(args)
+    # outputs are written through a temporary file: a failed run never leaves a partial or damaged .npz
     if args.what == "text":
         outs = run_text_case(args.model_dir, args.captions)
-        np.savez(args.out, **outs)
-        print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
-        return
+        path = cli_lib.atomic_savez(args.out, **outs)
+        print(f"wrote {path}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
+        return 0
     if args.what == "loss":
         outs = run_loss_case(args.case, weights=args.weights, inputs=args.inputs)
-        np.savez(args.out, **outs)
-        print(f"wrote {args.out}: loss {float(outs['loss']):.8f}, per_sample_loss {outs['per_sample_loss']}")
-        return
+        path = cli_lib.atomic_savez(args.out, **outs)
+        print(f"wrote {path}: loss {float(outs['loss']):.8f}, per_sample_loss {outs['per_sample_loss']}")
+        return 0
     if args.what == "sample":
         outs = run_sample_case(args.case, weights=args.weights, inputs=args.inputs)
-        np.savez(args.out, **outs)
+        path = cli_lib.atomic_savez(args.out, **outs)
         x = outs["samples_B_C_T_H_W"]
-        print(f"wrote {args.out}: samples_B_C_T_H_W {x.shape} mean {x.mean():.6f} std {x.std():.6f}, "
+        print(f"wrote {path}: samples_B_C_T_H_W {x.shape} mean {x.mean():.6f} std {x.std():.6f}, "
               f"timesteps {outs['timesteps'].tolist()}")
-        return
+        return 0
     if args.what == "vae":
         outs = run_vae_case(args.case)
-        np.savez(args.out, **outs)
-        print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
-        return
+        path = cli_lib.atomic_savez(args.out, **outs)
+        print(f"wrote {path}: " + ", ".join(f"{k} {v.shape}" for k, v in outs.items()))
+        return 0
     out = run_dit_case(args.case, weights=args.weights, inputs=args.inputs)
-    np.savez(args.out, out_B_C_T_H_W=out)
-    print(f"wrote {args.out}: out_B_C_T_H_W {out.shape} mean {out.mean():.6f} std {out.std():.6f}")
+    path = cli_lib.atomic_savez(args.out, out_B_C_T_H_W=out)
+    print(f"wrote {path}: out_B_C_T_H_W {out.shape} mean {out.mean():.6f} std {out.std():.6f}")
+    return 0
+
+
+def cli() -> None:
+    """The command line: errors as one line (cosmos_jax/cli.py)."""
+    from cosmos_jax import cli as cli_lib
+
+    cli_lib.entry(main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -145,9 +145,6 @@ def encode_entry(sample: dict, *, vae_params, vae_cfg, n_views: int, embedder=No
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
-
-    from cosmos_jax.text import embed as text_embed
 
     frames = np.concatenate([sample["video"], sample["control_input_hdmap_bbox"]])
     t = frames.shape[0] // (2 * n_views)
@@ -159,6 +156,50 @@ def encode_entry(sample: dict, *, vae_params, vae_cfg, n_views: int, embedder=No
         cfg = dataclasses.replace(vae_cfg, batch_chunk=0)  # the batch is split over devices instead
         x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names)))
     lat = np.asarray(_encode_jit(cfg)(vae_params, x))[: 2 * n_views]
+    return entry_arrays(lat, sample, n_views=n_views, embedder=embedder, proj_params=proj_params, dit_cfg=dit_cfg)
+
+
+def encode_clips(clips, *, vae_params, vae_cfg, mesh=None) -> np.ndarray:
+    """VAE latents (N, t, h, w, 16) of uint8 clips (T, H, W, 3) drawn one group at a time from the iterable `clips`
+    (a generator that decodes each clip when asked): one clip per local device of `mesh` per call (one clip
+    without a mesh), so only one group of clips and its activations are ever in memory - unlike `encode_entry`,
+    which holds every view of a sample at once. Same latents as `encode_entry`."""
+    import dataclasses
+
+    import jax
+
+    group = mesh.size if mesh is not None and mesh.size > 1 else 1
+    cfg = dataclasses.replace(vae_cfg, batch_chunk=0)
+    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names)) if group > 1
+                else None)
+    out, pending = [], []
+
+    def flush():
+        n = len(pending)
+        x = np.stack(pending + [pending[-1]] * (group - n))  # pad the last group by repeating its last clip
+        pending.clear()
+        if sharding is not None:
+            x = jax.device_put(x, sharding)
+        out.append(np.asarray(_encode_jit(cfg)(vae_params, x))[:n])
+
+    for clip in clips:
+        pending.append(np.asarray(clip))
+        if len(pending) == group:
+            flush()
+    if pending:
+        flush()
+    return np.concatenate(out)
+
+
+def entry_arrays(latents: np.ndarray, sample: dict, *, n_views: int, embedder=None, proj_params=None,
+                 dit_cfg=None) -> dict:
+    """Cache arrays from the latents of a sample's views then control views (2 * n_views, t, h, w, 16) and its
+    metadata (`layout.load_sample` or `layout.sample_info`: view_indices_selection, fps, ai_caption)."""
+    import jax.numpy as jnp
+
+    from cosmos_jax.text import embed as text_embed
+
+    lat = np.asarray(latents)
     out = {"latent": lat[:n_views], "latent_control": lat[n_views:],
            "view_indices_selection": np.asarray(sample["view_indices_selection"]),
            "fps": np.asarray(sample["fps"], np.float32)}

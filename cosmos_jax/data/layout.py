@@ -87,6 +87,8 @@ def read_caption(path: str) -> str:
 
 def _caption_names(root: str, spec: SampleSpec) -> tuple[str, list[str]]:
     """(caption folder, sorted sample names): a sample is a caption stem (dataloader_local.py)."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: {'not a directory' if os.path.exists(root) else 'no such dataset directory'}")
     cap_dir = os.path.join(root, CAPTION_DIR, f"ftheta_{spec.caption_camera}")
     if not os.path.isdir(cap_dir):
         raise DatasetError(f"{cap_dir}: missing (the caption folder of the dataset)")
@@ -173,35 +175,37 @@ def validate(root: str | os.PathLike, spec: SampleSpec = SampleSpec()) -> tuple[
     return len(names), bad
 
 
-def load_sample(files: SampleFiles, spec: SampleSpec = SampleSpec(), *, threads: int = 0) -> dict:
-    """One training sample, as the reference's dataset yields it (channels-last):
+def read_view(path: str, spec: SampleSpec = SampleSpec(), *, threads: int = 0, chunk: int = 8) -> np.ndarray:
+    """One view (video or control) of a sample: frames `spec.frame_indices` resized to spec.height x spec.width,
+    uint8 (T, H, W, 3). The resize runs `chunk` frames at a time, so its float32 intermediates stay small."""
+    frames = video.read_frames(path, spec.frame_indices, threads=threads)
+    size = (spec.height, spec.width)
+    if frames.shape[1:3] == size:
+        return frames
+    out, chunk = np.empty((len(frames),) + size + (3,), np.uint8), max(1, chunk)
+    for i in range(0, len(frames), chunk):
+        out[i:i + chunk] = video.resize(frames[i:i + chunk], size)
+    return out
 
-    video, control_input_hdmap_bbox: uint8 (V*T, H, W, 3), view-major; view_indices: int32 (V*T,);
-    view_indices_selection: int32 (V,); ai_caption: V strings; frame_indices (T,); fps; padding_mask
-    float32 (1, H, W) zeros; __key__.
-    """
+
+def sample_info(files: SampleFiles, spec: SampleSpec = SampleSpec()) -> dict:
+    """Everything of `load_sample` except the frames (no decoding; the videos are probed for their fps, which must
+    agree across views and controls)."""
     caption = read_caption(files.caption_path)
-    idx = spec.frame_indices
-    streams, fps = {}, None
-    for kind, paths in (("video", files.videos), ("control_input_hdmap_bbox", files.controls)):
-        frames = []
-        for path in paths:
-            info = video.probe(path)
-            if fps is None:
-                fps = info.fps
-            elif abs(info.fps - fps) > 1e-3:
-                raise DatasetError(f"{path}: fps {info.fps:g} differs from {files.videos[0]} ({fps:g})")
-            frames.append(video.resize(video.read_frames(path, idx, threads=threads), (spec.height, spec.width)))
-        streams[kind] = np.concatenate(frames, axis=0)
+    fps = None
+    for path in files.videos + files.controls:
+        info = video.probe(path)
+        if fps is None:
+            fps = info.fps
+        elif abs(info.fps - fps) > 1e-3:
+            raise DatasetError(f"{path}: fps {info.fps:g} differs from {files.videos[0]} ({fps:g})")
     v = len(spec.cameras)
     return {
-        "video": streams["video"],
-        "control_input_hdmap_bbox": streams["control_input_hdmap_bbox"],
         "view_indices": np.repeat(np.asarray(spec.view_ids, np.int32), spec.num_frames),
         "view_indices_selection": np.asarray(spec.view_ids, np.int32),
         "ai_caption": np.asarray(cams.training_view_captions(caption, spec.view_ids,
                                                              spec.cameras.index(spec.caption_camera))),
-        "frame_indices": np.asarray(idx, np.int32),
+        "frame_indices": np.asarray(spec.frame_indices, np.int32),
         "num_video_frames_per_view": np.int32(spec.num_frames),
         "sample_n_views": np.int32(v),
         "fps": np.float32(fps / spec.stride),
@@ -209,3 +213,15 @@ def load_sample(files: SampleFiles, spec: SampleSpec = SampleSpec(), *, threads:
         "__key__": np.asarray(files.name),
     }
 
+
+def load_sample(files: SampleFiles, spec: SampleSpec = SampleSpec(), *, threads: int = 0) -> dict:
+    """One training sample, as the reference's dataset yields it (channels-last):
+
+    video, control_input_hdmap_bbox: uint8 (V*T, H, W, 3), view-major; view_indices: int32 (V*T,);
+    view_indices_selection: int32 (V,); ai_caption: V strings; frame_indices (T,); fps; padding_mask
+    float32 (1, H, W) zeros; __key__.
+    """
+    info = sample_info(files, spec)
+    streams = {kind: np.concatenate([read_view(p, spec, threads=threads) for p in paths], axis=0)
+               for kind, paths in (("video", files.videos), ("control_input_hdmap_bbox", files.controls))}
+    return {"video": streams["video"], "control_input_hdmap_bbox": streams["control_input_hdmap_bbox"], **info}
