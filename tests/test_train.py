@@ -207,6 +207,7 @@ def test_nonfinite_losses_stop_training_and_keep_the_last_checkpoint(tmp_path, m
     (dict(data__dataset_dir="/nonexistent/ds"), r"data\.dataset_dir=/nonexistent/ds"),
     (dict(model__weights="/nonexistent/w.pt"), r"model\.weights=/nonexistent/w\.pt"),
     (dict(data__cache_dir="/nonexistent/cache"), r"data\.cache_dir=/nonexistent/cache"),
+    (dict(loss__conditional_frames_probs=(0.5, 0.25, 0.25)), r"conditional_frames_probs=.*model\.state_t=2"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, pattern):
     with pytest.raises(trainer.ConfigError, match=pattern):

@@ -92,6 +92,11 @@ def check_config(config) -> None:
             raise ConfigError(f"trainer.{name}={t[name]} must be positive")
     if abs(sum(config.loss.conditional_frames_probs) - 1.0) > 1e-6:
         raise ConfigError(f"loss.conditional_frames_probs={tuple(config.loss.conditional_frames_probs)} must sum to 1")
+    probs = tuple(config.loss.conditional_frames_probs)
+    if any(p > 0 for p in probs[int(config.model.state_t):]):
+        raise ConfigError(f"loss.conditional_frames_probs={probs} draws up to {len(probs) - 1} conditioning latent "
+                          f"frames but model.state_t={config.model.state_t}: a step conditioning every frame has "
+                          "nothing to denoise (loss 0); give k >= state_t probability 0")
 
 
 # ----------------------------------------------------------------------------------------------------------------
