@@ -398,6 +398,13 @@ class MultiviewPipeline:
         return paths
 
 
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def run(config, samples: Sequence[spec_lib.SampleSpec], out_dir: str, checkpoint_path: str, *, ema: bool = True,
         log=print) -> list[SampleResult]:
     """Generate every sample into out_dir. All samples (spec, videos' fps and lengths) are checked before the
@@ -419,8 +426,6 @@ def run(config, samples: Sequence[spec_lib.SampleSpec], out_dir: str, checkpoint
             f"{', EMA' if info['ema'] else ''}); mesh {dict(pipe.mesh.shape)}")
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=1))
     results = []
     bar = tqdm(total=sum(p.num_chunks for p in plans), unit="chunk", dynamic_ncols=True, disable=not is_main)
     try:
@@ -429,6 +434,8 @@ def run(config, samples: Sequence[spec_lib.SampleSpec], out_dir: str, checkpoint
             t0 = time.perf_counter()
             frames = pipe.generate(s, p, progress=bar)
             paths = pipe.write_outputs(s, frames, out_dir) if is_main else []
+            if is_main and not results:  # the run's config, once a sample is written (a failed run leaves the
+                _write_atomic(os.path.join(out_dir, "config.json"), config.to_json(indent=1))  # old one intact)
             results.append(SampleResult(s.name, frames, paths, time.perf_counter() - t0))
             if is_main:
                 bar.write(f"{s.name}: {len(s.active_views)} views x {p.frames} frames at {s.fps} fps in "
