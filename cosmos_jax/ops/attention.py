@@ -98,8 +98,8 @@ def fa3_kernels() -> Kernels:
     try:
         from flash_attn3_jax import flash as fa3
     except ImportError as e:
-        raise AttentionBackendError(f"attention backend 'fa3' needs the flash-attn3-jax wheel (pip install "
-                                    f"'cosmos-jax[gpu]' or flash-attn3-jax==0.2.3): {e}") from None
+        raise AttentionBackendError(f"attention backend 'fa3' needs the flash-attn3-jax wheel (pip install -e "
+                                    f"'.[gpu,fa3]', i.e. flash-attn3-jax==0.2.3): {e}") from None
     cfg = dict(is_causal=False, window_size=(-1, -1))
     return Kernels(fwd=lambda q, k, v, scale: tuple(fa3._flash_mha_fwd(q, k, v, softmax_scale=scale, **cfg)),
                    bwd=lambda do, q, k, v, o, lse, scale: tuple(
