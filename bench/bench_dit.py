@@ -33,13 +33,13 @@ from cosmos_jax.ops import attention as attn_ops  # noqa: E402
 from bench.common import best_matmul_rate, timeit  # noqa: E402
 
 
-def attention_alone(L, heads, head_dim):
-    """fwd+bwd seconds of one cuDNN attention call of the net's self-attention shape."""
+def attention_alone(L, heads, head_dim, backend="cudnn"):
+    """fwd+bwd seconds of one attention call of the net's self-attention shape on `backend`."""
     ks = jax.random.split(jax.random.key(1), 4)
     q, k, v, do = (jax.random.normal(kk, (1, L, heads, head_dim), jnp.bfloat16) for kk in ks)
 
     def fb(q, k, v, do):
-        out, vjp = jax.vjp(lambda q, k, v: attn_ops.local_attention(q, k, v, backend="cudnn"), q, k, v)
+        out, vjp = jax.vjp(lambda q, k, v: attn_ops.local_attention(q, k, v, backend=backend), q, k, v)
         return vjp(do)
 
     return timeit(jax.jit(fb), q, k, v, do, warmup=2, iters=5)
@@ -79,7 +79,8 @@ def main():
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--height", type=int, default=90)
     ap.add_argument("--width", type=int, default=160)
-    ap.add_argument("--remat", default="none")
+    ap.add_argument("--remat", default="none", help="comma list of remat policies")
+    ap.add_argument("--attention", default="cudnn", help="comma list of attention backends (cudnn, fa3)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--no-diff", action="store_true", help="skip the attention-removed variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -93,11 +94,11 @@ def main():
     results = {"device": dev.device_kind, "jax": jax.__version__, "matmul_tflops": mm / 1e12, "runs": []}
 
     for n_views in [int(v) for v in args.views.split(",")]:
-        for policy in args.remat.split(","):
-            cfg = DiTConfig.real_2b(attention_backend="cudnn", remat_policy=policy, state_t=args.frames)
+        for policy, backend in [(p, b) for p in args.remat.split(",") for b in args.attention.split(",")]:
+            cfg = DiTConfig.real_2b(attention_backend=backend, remat_policy=policy, state_t=args.frames)
             fl = model_flops(cfg, n_views, args.frames, args.height, args.width)
             L = fl["tokens"]
-            row = {"views": n_views, "remat": policy, "tokens": L}
+            row = {"views": n_views, "remat": policy, "attention": backend, "tokens": L}
             try:
                 fn, fargs = net_step(cfg, n_views, args.frames, args.height, args.width)
                 t0 = time.perf_counter()
@@ -126,7 +127,7 @@ def main():
                     finally:
                         attn_ops.self_attention = real_attn
                     del fn, fargs
-                    alone = attention_alone(L, cfg.num_heads, cfg.head_dim)
+                    alone = attention_alone(L, cfg.num_heads, cfg.head_dim, backend)
                     n_layers = cfg.num_blocks + cfg.num_control_blocks
                     in_net = (step - step_noattn) / n_layers
                     row.update(step_without_self_attention_s=step_noattn, attention_alone_s=alone,
@@ -140,14 +141,15 @@ def main():
 
     with open(os.path.join(args.out, "bench_dit.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{'views':>5} {'remat':>24} {'tokens':>7} {'step s':>8} {'peak GiB':>8} {'MFU/mm':>7} "
+    print(f"\n{'views':>5} {'remat':>24} {'attn':>5} {'tokens':>7} {'step s':>8} {'peak GiB':>8} {'MFU/mm':>7} "
           f"{'attn alone/in-net':>17}")
     for r in results["runs"]:
         if "error" in r:
-            print(f"{r['views']:>5} {r['remat']:>24} {r['tokens']:>7} {r['error'][:60]}")
+            print(f"{r['views']:>5} {r['remat']:>24} {r['attention']:>5} {r['tokens']:>7} {r['error'][:60]}")
             continue
-        print(f"{r['views']:>5} {r['remat']:>24} {r['tokens']:>7} {r['step_s']:>8.3f} {r['peak_gib']:>8.1f} "
-              f"{r['mfu_vs_matmul']:>7.3f} {r.get('attention_alone_over_in_net', float('nan')):>17.3f}")
+        print(f"{r['views']:>5} {r['remat']:>24} {r['attention']:>5} {r['tokens']:>7} {r['step_s']:>8.3f} "
+              f"{r['peak_gib']:>8.1f} {r['mfu_vs_matmul']:>7.3f} "
+              f"{r.get('attention_alone_over_in_net', float('nan')):>17.3f}")
 
 
 if __name__ == "__main__":
