@@ -80,13 +80,13 @@ def child(args) -> None:
             gt[:, :1] = vae.encode(inputs)
             return lat, gt
 
-        def sample(lat, gt, steps):
+        def sample(lat, gt, steps, cache=None):
             return pipe_lib.sample_latent(
                 params, cfg, mesh, noise=sampling.initial_noise(0, (1, 16, v * t, h, w)),
                 gt=pipe_lib.views_to_dit(gt), mask=pipe_lib.condition_mask(k, t, h, w), ctx_cond=ctx[0],
                 ctx_uncond=ctx[1], control=pipe_lib.views_to_dit(lat),
                 view_ids=np.repeat(np.arange(v, dtype=np.int32), t)[None], control_weight=1.0, guidance=7.0,
-                num_steps=steps)
+                num_steps=steps, cache=cache)
 
         def decode(latent):
             return pipe_lib.to_uint8(vae.decode(pipe_lib.dit_to_views(latent, v)))
@@ -141,9 +141,46 @@ def child(args) -> None:
                 frames = decode(sample(lat, gt, STEPS))
                 write(frames, d)
                 row["e2e_measured_s"] = time.perf_counter() - t0
+            if args.cache > 0:  # the same 35-step sample with the step cache: time and distance to the exact one
+                cache = sampling.StepCache(threshold=args.cache)
+                sample(lat, gt, STEPS, cache)  # compile
+                t0 = time.perf_counter()
+                cached = decode(sample(lat, gt, STEPS, cache))
+                row["cache_threshold"] = args.cache
+                row["cache_sample_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                exact = decode(sample(lat, gt, STEPS))
+                row["exact_sample_s"] = time.perf_counter() - t0
+                row["cache_psnr_db"] = psnr(cached, exact)
+                row["cache_ssim"] = ssim(cached, exact)
     except Exception as e:  # OOM etc.: report and let the parent go on
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     emit(row)
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim(a, b, win: int = 7) -> float:
+    """Mean SSIM of the grey-level frames (uniform win x win windows, the usual constants for 8-bit images)."""
+    import numpy as np
+
+    def grey(x):
+        return np.asarray(x, np.float64).reshape((-1,) + x.shape[-3:]) @ np.array([0.299, 0.587, 0.114])
+
+    def box(x):  # mean over win x win windows (valid part), via cumulative sums
+        c = np.cumsum(np.cumsum(np.pad(x, ((0, 0), (1, 0), (1, 0))), 1), 2)
+        return (c[:, win:, win:] - c[:, :-win, win:] - c[:, win:, :-win] + c[:, :-win, :-win]) / win ** 2
+
+    x, y = grey(a), grey(b)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = box(x), box(y)
+    vx, vy, cxy = box(x * x) - mx ** 2, box(y * y) - my ** 2, box(x * y) - mx * my
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))))
 
 
 def matmul_child() -> None:
@@ -170,12 +207,18 @@ def parent(args) -> None:
         argv = ["--child", "--views", str(v), "--steps", str(args.steps), "--attention", args.attention,
                 "--variant", args.variant]
         if v in e2e:
-            argv.append("--e2e")
+            argv += ["--e2e", "--cache", str(args.cache)]
         for r in run_isolated(__file__, argv, f"{v} views", out):
             if "step_s" in r:
                 r["x_matmul"] = r["model_tflops"] * 1e12 / mm
             rows.append(r)
             print(json.dumps(r), flush=True)
+    for r in rows:
+        if "cache_sample_s" in r:
+            print(f"{r['views']} views, step cache {r['cache_threshold']}: 35 steps + decode in "
+                  f"{r['cache_sample_s']:.1f} s vs {r['exact_sample_s']:.1f} s exact "
+                  f"({r['exact_sample_s'] / r['cache_sample_s']:.2f}x); "
+                  f"PSNR {r['cache_psnr_db']:.2f} dB, SSIM {r['cache_ssim']:.4f} against the exact sample")
     print(f"\n{'views':>5} {'tokens':>7} {'s/step':>7} {'TFLOP/s':>8} {'x matmul':>8} {'peak GiB':>8} "
           f"{'enc s':>6} {'dec s':>6} {'mp4 s':>6} {'35-step e2e':>11} {'measured':>8}")
     for r in rows:
@@ -194,6 +237,8 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="sampler steps per timed call (seconds per step = time/steps)")
     ap.add_argument("--e2e_views", default="", help="comma list of view counts that also run the whole 35-step sample")
     ap.add_argument("--attention", default="cudnn", help="attention backend of the DiT")
+    ap.add_argument("--cache", type=float, default=0.0, help="also run the e2e views' 35-step sample with the "
+                    "step cache at this threshold (sampling.StepCache): its time, PSNR and SSIM against the exact one")
     ap.add_argument("--variant", default="post_train_example", help="config variant (tiny: a CPU smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_infer.jsonl")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

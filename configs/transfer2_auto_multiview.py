@@ -158,6 +158,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.trainer.sample_iter = 200   # 0 = off
     c.trainer.sample_steps = 35
 
+    # inference sampler (python -m cosmos_jax.infer): opt-in step cache (diffusion/sampling.py StepCache), off at 0:
+    # skip the net while the accumulated |1 - magnitude ratio| of its velocities stays under the threshold
+    c.sampler = ml_collections.ConfigDict(dict(step_cache_threshold=0.0, step_cache_max_skips=2,
+                                               step_cache_warmup=4, step_cache_final=2))
+
     if variant == "tiny":
         c.model = _model(model_channels=64, num_blocks=4, num_heads=4, adaln_lora_dim=16, vace_block_every_n=2,
                          state_t=2, crossattn_proj_in_channels=48, crossattn_emb_channels=32, dtype="float32",

@@ -234,3 +234,79 @@ def test_initial_noise_reproduces_the_case_seed(sample_case):
     assert got.dtype == np.float32 and got.shape == noise.shape
     np.testing.assert_array_equal(got, noise)
     assert not np.array_equal(sampling.initial_noise(case["sampler"]["seed"] + 1, noise.shape), noise)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The opt-in step cache (sampling.StepCache)
+
+
+def _counted(field):
+    """A velocity_fn from field(x, t) -> v (both CFG branches equal) that counts its real executions."""
+    calls = []
+
+    def velocity_fn(x, timesteps_B_T):
+        jax.debug.callback(lambda: calls.append(1))
+        v = field(x, timesteps_B_T.astype(jnp.float32) / 1000.0)
+        return v, v
+
+    return velocity_fn, calls
+
+
+def _run(field, cache, n=20, seed=0):
+    fn, calls = _counted(field)
+    noise = np.random.default_rng(seed).standard_normal((1, 4, 3, 2, 2)).astype(np.float32)
+    x, aux = jax.jit(lambda z: sampling.sample(fn, z, num_steps=n, guidance=2.0, aux=True, cache=cache))(noise)
+    jax.block_until_ready(x)
+    return np.asarray(x), np.asarray(aux["net_computed_per_step"]), len(calls)
+
+
+def test_step_cache_off_is_the_exact_sampler():
+    def field(x, t):
+        return jnp.sin(3 * x) + t[:, :, None, None, None]
+
+    exact, computed, calls = _run(field, None)
+    off, computed_off, calls_off = _run(field, sampling.StepCache(threshold=0.0))
+    np.testing.assert_array_equal(off, exact)
+    assert computed.all() and computed_off.all() and calls == calls_off == 20
+
+
+def test_step_cache_skips_where_the_velocity_is_steady():
+    """A constant velocity field: every magnitude ratio is 1, so after the warm-up the cache skips max_skips steps,
+    computes one, and so on, never within the last `final` steps; reusing a constant velocity changes nothing."""
+    const = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 3, 2, 2)), jnp.float32)
+
+    def field(x, t):
+        return const + 0 * x
+
+    cache = sampling.StepCache(threshold=0.5, max_skips=2, warmup=4, final=2)
+    exact, _, _ = _run(field, None)
+    got, computed, calls = _run(field, cache)
+    want = [True] * 4 + [False, False, True] * 4 + [False, False] + [True] * 2
+    assert computed.tolist() == want
+    assert calls == sum(want) == 10  # the net really ran only on the computed steps
+    np.testing.assert_allclose(got, exact, atol=1e-6)
+
+
+def test_step_cache_computes_where_the_velocity_changes():
+    """A field whose magnitude falls by exp(-40 dt) per step: on this grid dt >= 0.01, so |1 - r| >= 0.33 every
+    step, above a 0.2 threshold -> no skip."""
+    def field(x, t):
+        return jnp.ones_like(x) * jnp.exp(40.0 * (t - 1.0))[:, :, None, None, None]
+
+    _, computed, calls = _run(field, sampling.StepCache(threshold=0.2, max_skips=3, warmup=2, final=1))
+    assert computed.all() and calls == 20
+    _, computed, calls = _run(field, sampling.StepCache(threshold=5.0, max_skips=3, warmup=2, final=1))
+    assert not computed.all() and calls == int(computed.sum()) < 20  # a loose threshold does skip
+
+
+def test_step_cache_config():
+    from configs import transfer2_auto_multiview as cfg_file
+    from cosmos_jax.inference import pipeline
+
+    config = cfg_file.get_config("tiny")
+    assert pipeline.step_cache_from(config) is None  # off by default
+    config.sampler.step_cache_threshold = 0.3
+    assert pipeline.step_cache_from(config) == sampling.StepCache(threshold=0.3, max_skips=2, warmup=4, final=2)
+    config.sampler.step_cache_warmup = 1  # the online ratio needs two computed steps first
+    with pytest.raises(pipeline.InferenceConfigError, match="sampler: step_cache_threshold=0.3"):
+        pipeline.check_config(config)

@@ -18,6 +18,7 @@ they finish ~2e-4*|noise - gt| away from gt, as the reference's do.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -78,8 +79,37 @@ def branch_velocity_fn(net_fn: Callable, cond_kwargs: dict, uncond_kwargs: dict,
     return velocity_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCache:
+    """Opt-in reuse of the net's velocities across steps (MagCache-style, calibration-free; off by default).
+
+    The net's output changes smoothly over most of the trajectory: the ratio r_i = |v_i| / |v_{i-1}| of the mean
+    absolute velocities of consecutive steps stays near 1 there. MagCache skips a step's net call (reusing the last
+    computed v_cond, v_uncond) while the accumulated error estimate sum |1 - r| stays under `threshold`, with r
+    predicted per step from a calibration run; here r is predicted online as the last ratio measured between two
+    computed steps. A computed step resets the estimate. Never skipped: the first `warmup` steps, the last `final`
+    steps, and more than `max_skips` steps in a row. `threshold` 0 turns it off (the exact sampler).
+
+    The decision is one per call (the whole batch skips or computes together), so with the cache on a batch sample
+    is no longer exactly its own batch-1 run. Its quality cost and speed-up are measured by
+    `bench/bench_infer.py --cache` (PSNR / SSIM against the uncached sample of the same seed).
+    """
+    threshold: float = 0.0
+    max_skips: int = 2
+    warmup: int = 4
+    final: int = 2
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+
+def _mean_abs(v):
+    return jnp.mean(jnp.abs(v))
+
+
 def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 5.0, guidance, gt=None,
-           condition_mask=None, aux: bool = False):
+           condition_mask=None, aux: bool = False, cache: StepCache | None = None):
     """Denoise `noise` [B, C, V*T, H, W] in `num_steps` UniPC steps; returns the final latent (float32), or
     (latent, aux_dict) with aux=True. Pure and traceable: wrap the caller in `jax.jit` (one compiled `lax.scan`
     over the steps, no host round trip); num_steps, shift and aux are Python values, guidance may be traced.
@@ -96,7 +126,10 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 5.0, 
 
     aux: sigmas [N+1], timesteps [N] (int32), x_after_step [N, B, ...] (sample after each step),
     velocity_cfg_per_step [N, B, ...], net_timesteps_per_step [N, B, 1], predictor_order_per_step [N] and the
-    step-0 v_cond_step0, v_uncond_step0 (after replacement), net_x_input_step0.
+    step-0 v_cond_step0, v_uncond_step0 (after replacement), net_x_input_step0, and net_computed_per_step [N]
+    (bool: False where the step cache reused the previous velocities).
+
+    cache: a `StepCache` with threshold > 0 skips net calls (see there); None or threshold 0 = the exact sampler.
     """
     noise = jnp.asarray(noise, jnp.float32)
     if (gt is None) != (condition_mask is None):
@@ -112,14 +145,39 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 5.0, 
     b = noise.shape[0]
     state = unipc.init(noise, num_steps, shift)
 
+    use_cache = cache is not None and cache.enabled
+
+    def net_velocities(x_in, timesteps_B_T):
+        v_cond, v_uncond = velocity_fn(x_in, timesteps_B_T)
+        # the reference casts the net output to float32
+        return jnp.asarray(v_cond, jnp.float32), jnp.asarray(v_uncond, jnp.float32)
+
+    def decide(i, cstate):
+        """(skip this step?, the error estimate if it is skipped)."""
+        err, skips, ratio = cstate["err"], cstate["skips"], cstate["ratio"]
+        new_err = err + jnp.abs(1.0 - ratio)
+        ok = ((i >= cache.warmup) & (i < num_steps - cache.final) & (skips < cache.max_skips)
+              & (new_err < cache.threshold) & cstate["have_ratio"])
+        return ok, new_err
+
     def denoise_step(carry, _):
-        x, state, first = carry
+        x, state, first, cstate = carry
         i = state.step
         timesteps_B_T = jnp.full((b, 1), unipc.current_timestep(state), jnp.int32)
         x_in = condition_input(x, gt, mask) if conditioned else x
-        v_cond, v_uncond = velocity_fn(x_in, timesteps_B_T)
-        v_cond = jnp.asarray(v_cond, jnp.float32)  # the reference casts the net output to float32
-        v_uncond = jnp.asarray(v_uncond, jnp.float32)
+        if use_cache:
+            skip, new_err = decide(i, cstate)
+            v_cond, v_uncond = jax.lax.cond(skip, lambda: (cstate["v_cond"], cstate["v_uncond"]),
+                                            lambda: net_velocities(x_in, timesteps_B_T))
+            mag = _mean_abs(v_cond)
+            ratio = jnp.where(skip | (cstate["last_mag"] <= 0), cstate["ratio"], mag / cstate["last_mag"])
+            cstate = {"v_cond": v_cond, "v_uncond": v_uncond, "last_mag": jnp.where(skip, cstate["last_mag"], mag),
+                      "ratio": ratio, "have_ratio": cstate["have_ratio"] | (~skip & (cstate["last_mag"] > 0)),
+                      "err": jnp.where(skip, new_err, 0.0), "skips": jnp.where(skip, cstate["skips"] + 1, 0)}
+            computed = ~skip
+        else:
+            v_cond, v_uncond = net_velocities(x_in, timesteps_B_T)
+            computed = jnp.bool_(True)
         if conditioned:
             v_cond = condition_velocity(v_cond, noise, gt, mask)
             v_uncond = condition_velocity(v_uncond, noise, gt, mask)
@@ -127,16 +185,22 @@ def sample(velocity_fn: Callable, noise, *, num_steps: int, shift: float = 5.0, 
         order = state.orders[i]
         x_next, state = unipc.step(state, v, x)
         if not aux:
-            return (x_next, state, first), None
+            return (x_next, state, first, cstate), None
         first = jax.tree.map(lambda old, new: jnp.where(i == 0, new, old), first, (v_cond, v_uncond, x_in))
-        return (x_next, state, first), (x_next, v, timesteps_B_T, order)
+        return (x_next, state, first, cstate), (x_next, v, timesteps_B_T, order, computed)
 
     first = (noise, noise, noise) if aux else ()  # step-0 slots, overwritten at i == 0
-    (x, state, first), per_step = jax.lax.scan(denoise_step, (noise, state, first), None, length=num_steps)
+    cstate = {}
+    if use_cache:  # the raw net velocities of the last computed step and the error estimate
+        zero = jnp.float32(0)
+        cstate = {"v_cond": jnp.zeros_like(noise), "v_uncond": jnp.zeros_like(noise), "last_mag": zero,
+                  "ratio": jnp.float32(1), "have_ratio": jnp.bool_(False), "err": zero, "skips": jnp.int32(0)}
+    (x, state, first, _), per_step = jax.lax.scan(denoise_step, (noise, state, first, cstate), None,
+                                                  length=num_steps)
     if not aux:
         return x
-    x_steps, v_steps, t_steps, orders = per_step
+    x_steps, v_steps, t_steps, orders, computed = per_step
     return x, {"sigmas": state.sigmas, "timesteps": state.timesteps, "x_after_step": x_steps,
                "velocity_cfg_per_step": v_steps, "net_timesteps_per_step": t_steps,
                "predictor_order_per_step": orders, "v_cond_step0": first[0], "v_uncond_step0": first[1],
-               "net_x_input_step0": first[2]}
+               "net_x_input_step0": first[2], "net_computed_per_step": computed}

@@ -111,6 +111,19 @@ def check_config(config) -> None:
                                    "random VAE")
     if config.vae.weights and not os.path.exists(config.vae.weights):
         raise InferenceConfigError(f"vae.weights={config.vae.weights}: no such file")
+    step_cache_from(config)
+
+
+def step_cache_from(config) -> sampling.StepCache | None:
+    """The config's `sampler` section -> a StepCache, or None when it is off (or the config has no section)."""
+    s = config.get("sampler")
+    if s is None or not s.step_cache_threshold:
+        return None
+    if s.step_cache_threshold < 0 or s.step_cache_max_skips < 1 or s.step_cache_warmup < 2 or s.step_cache_final < 1:
+        raise InferenceConfigError(f"sampler: step_cache_threshold={s.step_cache_threshold} needs threshold >= 0, "
+                                   f"step_cache_max_skips >= 1, step_cache_warmup >= 2, step_cache_final >= 1")
+    return sampling.StepCache(threshold=float(s.step_cache_threshold), max_skips=int(s.step_cache_max_skips),
+                              warmup=int(s.step_cache_warmup), final=int(s.step_cache_final))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +131,8 @@ def check_config(config) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _sampler(dit_cfg: DiTConfig, mesh: Mesh, num_steps: int, two_branches: bool):
+def _sampler(dit_cfg: DiTConfig, mesh: Mesh, num_steps: int, two_branches: bool,
+             cache: sampling.StepCache | None = None):
     """jit(params, noise, gt, mask, ctx_cond, ctx_uncond, control, view_ids, control_weight, guidance) -> latent,
     replicated on the mesh (every process can read it). Contexts are already projected."""
     model = dit_lib.MultiViewControlDiT(dit_cfg)
@@ -142,7 +156,7 @@ def _sampler(dit_cfg: DiTConfig, mesh: Mesh, num_steps: int, two_branches: bool)
                 v = net_fn(x, t, **cond)
                 return v, v
         return sampling.sample(velocity_fn, noise, num_steps=num_steps, shift=SHIFT, guidance=guidance, gt=gt,
-                               condition_mask=mask)
+                               condition_mask=mask, cache=cache)
 
     return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
 
@@ -213,7 +227,8 @@ def place_params(numpy_params: dict, dit_cfg: DiTConfig, mesh: Mesh, weight_dtyp
 
 
 def sample_latent(params, dit_cfg: DiTConfig, mesh: Mesh, *, noise, gt, mask, ctx_cond, ctx_uncond, control,
-                  view_ids, control_weight: float, guidance: float, num_steps: int) -> np.ndarray:
+                  view_ids, control_weight: float, guidance: float, num_steps: int,
+                  cache: sampling.StepCache | None = None) -> np.ndarray:
     """The guided UniPC loop on the mesh; every argument in the DiT layout (batch 1). ctx_uncond None or guidance
     0 runs the conditional branch only. Returns the final latent [1, C, V*t, h, w] (host).
 
@@ -227,7 +242,7 @@ def sample_latent(params, dit_cfg: DiTConfig, mesh: Mesh, *, noise, gt, mask, ct
     def rep(a):
         return np.repeat(np.asarray(a), copies, axis=0)
 
-    fn = _sampler(dit_cfg, mesh, int(num_steps), two)
+    fn = _sampler(dit_cfg, mesh, int(num_steps), two, cache)
     with jax.set_mesh(mesh):
         out = fn(params, rep(noise), rep(gt), rep(mask), rep(ctx_cond), rep(ctx_uncond) if two else None,
                  rep(control), rep(view_ids), jnp.float32(control_weight), jnp.float32(guidance))
@@ -282,6 +297,7 @@ class MultiviewPipeline:
                                        f"net takes model.crossattn_proj_in_channels="
                                        f"{self.dit_cfg.crossattn_proj_in_channels}")
         self._caption_cache: dict[str, np.ndarray] = {}
+        self.step_cache = step_cache_from(config)
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def plan(self, sample: spec_lib.SampleSpec) -> spec_lib.FramePlan:
@@ -341,7 +357,7 @@ class MultiviewPipeline:
             mask=condition_mask(k_per_view, t, h, w), ctx_cond=ctx_cond, ctx_uncond=ctx_uncond,
             control=views_to_dit(lat_control),
             view_ids=np.repeat(np.asarray(view_ids, np.int32), t)[None], control_weight=control_weight,
-            guidance=guidance, num_steps=num_steps)
+            guidance=guidance, num_steps=num_steps, cache=self.step_cache)
         return self.vae.decode(dit_to_views(latent, n_views))
 
     def generate(self, sample: spec_lib.SampleSpec, plan: spec_lib.FramePlan, progress=None) -> np.ndarray:
