@@ -38,6 +38,8 @@ import sys
 import traceback
 import zipfile
 
+from cosmos_jax import atomic
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "configs", "transfer2_auto_multiview.py")
 CONFIG_HELP = ("config file and variant, FILE:VARIANT (variants: tiny, post_train_example). Every field can be "
@@ -189,14 +191,8 @@ def atomic_savez(path: str, **arrays) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{path}: the folder {folder} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic.temporary_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -284,6 +280,27 @@ def config_value(holder):
 
 def print_config(config) -> None:
     print(config, end="" if str(config).endswith("\n") else "\n")
+
+
+def parse_config_command(argv, default: str, *, doc: str, prog: str, debug_help: str = DEBUG_HELP):
+    """The command line of a command that takes only a config (train, forward): `--config FILE:VARIANT`,
+    `--config.a.b=v` overrides, `--print_config`, `--debug`; positional arguments are a UsageError. Returns
+    (config, debug), or (None, debug) after `--print_config` printed the resolved config."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    print_flag = flags.DEFINE_bool("print_config", False, "print the resolved config (overrides applied) and exit",
+                                   flag_values=fv)
+    debug = flags.DEFINE_bool("debug", False, debug_help, flag_values=fv)
+    config_flag = define_config_flag(fv, argv, default)
+    rest = parse_flags(fv, argv, doc=doc, prog=prog)
+    if rest:
+        raise UsageError(f"unexpected arguments {rest} (see {prog} --help)")
+    config = config_value(config_flag)
+    if print_flag.value:
+        print_config(config)
+        return None, debug.value
+    return config, debug.value
 
 
 def parse_flags(fv, argv, *, doc: str, prog: str) -> list[str]:

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from cosmos_jax import atomic
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -84,7 +86,7 @@ class Cache:
                                  f"(delete it or point to another directory):\n  " + "\n  ".join(diff[:12]))
         elif create:
             os.makedirs(self.root, exist_ok=True)
-            _atomic_write(path, json.dumps(self.expected, indent=1).encode())
+            atomic.write_bytes(path, json.dumps(self.expected, indent=1).encode())
         else:
             raise CacheError(f"{path}: missing (not a cache directory; make one with tools/precompute.py)")
 
@@ -99,7 +101,7 @@ class Cache:
 
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        _atomic_write(self.path(name), buf.getvalue())
+        atomic.write_bytes(self.path(name), buf.getvalue())
 
     def read(self, name: str) -> dict:
         path = self.path(name)
@@ -110,13 +112,6 @@ class Cache:
                 return {k: data[k] for k in data.files}
         except Exception as e:
             raise CacheError(f"{path}: damaged cache entry ({e})") from e
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class CachedSource:

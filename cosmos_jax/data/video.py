@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cosmos_jax import atomic
+
 REFERENCE_SIZE = (720, 1280)  # (H, W) every training/inference frame is resized to
 
 
@@ -130,8 +132,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise VideoError(f"{path}: H.264 yuv420p needs even sizes, got {h}x{w}")
-    tmp = f"{path}.tmp-{os.getpid()}.mp4"
-    try:
+    with atomic.temporary_path(path, ".mp4") as tmp:
         with av.open(tmp, mode="w", format="mp4") as container:
             st = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(10000))
             st.width, st.height, st.pix_fmt = w, h, "yuv420p"
@@ -141,10 +142,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
                     container.mux(packet)
             for packet in st.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cosmos_jax import build
+from cosmos_jax import atomic, build
 from cosmos_jax.data import video
 from cosmos_jax.diffusion import sampling
 from cosmos_jax.inference import spec as spec_lib
@@ -407,18 +407,8 @@ class MultiviewPipeline:
             paths.append(f"{base}_grid.mp4")
             video.write_video(paths[-1], grid_video(frames), sample.fps)
         paths.append(f"{base}.json")
-        tmp = f"{paths[-1]}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(sample.to_dict(), f, indent=1)
-        os.replace(tmp, paths[-1])
+        atomic.write_text(paths[-1], json.dumps(sample.to_dict(), indent=1))
         return paths
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run(config, samples: Sequence[spec_lib.SampleSpec], out_dir: str, checkpoint_path: str, *, ema: bool = True,
@@ -451,7 +441,7 @@ def run(config, samples: Sequence[spec_lib.SampleSpec], out_dir: str, checkpoint
             frames = pipe.generate(s, p, progress=bar)
             paths = pipe.write_outputs(s, frames, out_dir) if is_main else []
             if is_main and not results:  # the run's config, once a sample is written (a failed run leaves the
-                _write_atomic(os.path.join(out_dir, "config.json"), config.to_json(indent=1))  # old one intact)
+                atomic.write_text(os.path.join(out_dir, "config.json"), config.to_json(indent=1))  # old one intact)
             results.append(SampleResult(s.name, frames, paths, time.perf_counter() - t0))
             if is_main:
                 bar.write(f"{s.name}: {len(s.active_views)} views x {p.frames} frames at {s.fps} fps in "

@@ -21,7 +21,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cosmos_jax import build
+from cosmos_jax import atomic, build
 from cosmos_jax.data import layout, pipeline
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.parallel import distributed, mesh as mesh_lib
@@ -49,13 +49,6 @@ class ConfigError(ValueError):
 
 def job_dir(config) -> str:
     return os.path.join(config.job.output_root, config.job.project, config.job.group, config.job.name)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +274,7 @@ def train(config, *, stop_after: int | None = None) -> dict:
             aside = f"{ckpt_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
             shutil.move(ckpt_dir, aside)  # starting over never deletes or overwrites a checkpoint
             print(f"trainer.resume=False: moved the existing checkpoints to {aside}")
-        _atomic_write_text(os.path.join(jd, "config.json"), json.dumps(config_dict, indent=1))
+        atomic.write_text(os.path.join(jd, "config.json"), json.dumps(config_dict, indent=1))
 
     with jax.set_mesh(mesh):
         # (2) ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from cosmos_jax import atomic
 from cosmos_jax.data import video
 from cosmos_jax.worldscenario import rdshq, render, rig
 from cosmos_jax.worldscenario.scene import SceneError
@@ -49,14 +50,8 @@ def control_path(out_dir: str, camera: str, name: str) -> str:
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic.temporary_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def preview_tile(clip: np.ndarray) -> np.ndarray:
