@@ -57,20 +57,9 @@ def run(config):
 
 
 def main(argv=None) -> int:
-    from absl import flags
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = flags.FlagValues()
-    print_flag = flags.DEFINE_bool("print_config", False, "print the resolved config (overrides applied) and exit",
-                                   flag_values=fv)
-    flags.DEFINE_bool("debug", False, cli_lib.DEBUG_HELP, flag_values=fv)
-    config_flag = cli_lib.define_config_flag(fv, argv, DEFAULT_CONFIG)
-    rest = cli_lib.parse_flags(fv, argv, doc=__doc__, prog=PROG)
-    if rest:
-        raise cli_lib.UsageError(f"unexpected arguments {rest} (see {PROG} --help)")
-    config = cli_lib.config_value(config_flag)
-    if print_flag.value:
-        cli_lib.print_config(config)
+    config, _ = cli_lib.parse_config_command(argv, DEFAULT_CONFIG, doc=__doc__, prog=PROG)
+    if config is None:  # --print_config
         return 0
     run(config)
     return 0

@@ -23,25 +23,14 @@ DEFAULT_CONFIG = f"{cli_lib.CONFIG_FILE}:tiny"
 
 
 def main(argv=None) -> int:
-    from absl import flags
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = flags.FlagValues()
-    print_flag = flags.DEFINE_bool("print_config", False, "print the resolved config (overrides applied) and exit",
-                                   flag_values=fv)
-    debug = flags.DEFINE_bool("debug", False, cli_lib.DEBUG_HELP + "; also keeps the INFO logs of Orbax",
-                              flag_values=fv)
-    config_flag = cli_lib.define_config_flag(fv, argv, DEFAULT_CONFIG)
-    rest = cli_lib.parse_flags(fv, argv, doc=__doc__, prog=PROG)
-    if rest:
-        raise cli_lib.UsageError(f"unexpected arguments {rest} (see {PROG} --help)")
-    config = cli_lib.config_value(config_flag)
-    if print_flag.value:
-        cli_lib.print_config(config)
+    config, debug = cli_lib.parse_config_command(argv, DEFAULT_CONFIG, doc=__doc__, prog=PROG,
+                                                 debug_help=cli_lib.DEBUG_HELP + "; also keeps the INFO logs of Orbax")
+    if config is None:  # --print_config
         return 0
     from absl import logging
 
-    if not debug.value:
+    if not debug:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     from cosmos_jax.training import trainer
 
