@@ -35,7 +35,6 @@ STEPS = 35
 
 def child(args) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import linen as nn
 
@@ -183,15 +182,6 @@ def ssim(a, b, win: int = 7) -> float:
     return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))))
 
 
-def matmul_child() -> None:
-    import jax
-
-    from bench.common import best_matmul_rate, emit, matmul_rate
-
-    rate = matmul_rate(1024, 4) if jax.default_backend() == "cpu" else best_matmul_rate()  # CPU: a smoke run
-    emit({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "matmul_tflops": rate / 1e12})
-
-
 def parent(args) -> None:
     from bench.common import run_isolated
 
@@ -246,7 +236,9 @@ def main():
     ap.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.matmul:
-        matmul_child()
+        from bench.common import emit_matmul_baseline
+
+        emit_matmul_baseline()
     else:
         (child if args.child else parent)(args)
 

@@ -89,14 +89,6 @@ def child(args) -> None:
     del timeit
 
 
-def matmul_child() -> None:
-    import jax
-
-    from bench.common import best_matmul_rate, emit
-
-    emit({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "matmul_tflops": best_matmul_rate() / 1e12})
-
-
 def parent(args) -> None:
     from bench.common import run_isolated
 
@@ -148,7 +140,9 @@ def main():
     ap.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.matmul:
-        matmul_child()
+        from bench.common import emit_matmul_baseline
+
+        emit_matmul_baseline()
     else:
         (child if args.child else parent)(args)
 

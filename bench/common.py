@@ -47,6 +47,13 @@ def best_matmul_rate() -> float:
     return max(matmul_rate(8192, 16), matmul_rate(16384, 4), batched_matmul_rate())
 
 
+def emit_matmul_baseline() -> None:
+    """The child process that measures the in-run baseline (best_matmul_rate) and emits it with the device; on a
+    CPU (smoke runs of a bench) a small 1024^3 chain instead, which would otherwise take hours."""
+    rate = matmul_rate(1024, 4) if jax.default_backend() == "cpu" else best_matmul_rate()
+    emit({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "matmul_tflops": rate / 1e12})
+
+
 def emit(record: dict) -> None:
     """One measurement, as a line the parent process collects (see run_isolated)."""
     import json
