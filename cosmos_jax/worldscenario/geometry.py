@@ -42,31 +42,38 @@ def _cumulative(segs: np.ndarray):
     return lengths, cum
 
 
-def long_dashed(segs: np.ndarray, dash: float = 3.0, gap: float = 9.0) -> np.ndarray:
-    """3 m on / 9 m off along the arc length; segments crossing a dash end are cut there (§3.5)."""
-    if len(segs) == 0:
-        return segs
-    lengths, cum = _cumulative(segs)
+def _dashes(cum: np.ndarray, n_segs: int, dash: float, gap: float):
+    """(start, end, i0, i1) of every dash along the arc length `cum` ([0, ..., total], per segment end) that
+    touches segments i0..i1 (dashes start every dash + gap metres from 0; the last one ends at the total)."""
     total = cum[-1]
-    out = []
     start = 0.0
     while start < total:
         end = min(start + dash, total)
         i0 = int(np.searchsorted(cum[1:], start, side="right"))
         i1 = int(np.searchsorted(cum[1:], end, side="left"))
-        if i0 <= i1 < len(segs):
-            for i in range(i0, i1 + 1):
-                a, b = cum[i], cum[i + 1]
-                p, q = segs[i, 0], segs[i, 1]
-                if a >= start and b <= end:
-                    out.append(segs[i].astype(np.float64))
-                elif a < start < b:
-                    s = p + (start - a) / lengths[i] * (q - p)
-                    e = q if b <= end else p + (end - a) / lengths[i] * (q - p)
-                    out.append(np.array([s, e], np.float64))
-                elif a < end < b:
-                    out.append(np.array([p, p + (end - a) / lengths[i] * (q - p)], np.float64))
+        if i0 <= i1 < n_segs:
+            yield start, end, i0, i1
         start += dash + gap
+
+
+def long_dashed(segs: np.ndarray, dash: float = 3.0, gap: float = 9.0) -> np.ndarray:
+    """3 m on / 9 m off along the arc length; segments crossing a dash end are cut there (§3.5)."""
+    if len(segs) == 0:
+        return segs
+    lengths, cum = _cumulative(segs)
+    out = []
+    for start, end, i0, i1 in _dashes(cum, len(segs), dash, gap):
+        for i in range(i0, i1 + 1):
+            a, b = cum[i], cum[i + 1]
+            p, q = segs[i, 0], segs[i, 1]
+            if a >= start and b <= end:
+                out.append(segs[i].astype(np.float64))
+            elif a < start < b:
+                s = p + (start - a) / lengths[i] * (q - p)
+                e = q if b <= end else p + (end - a) / lengths[i] * (q - p)
+                out.append(np.array([s, e], np.float64))
+            elif a < end < b:
+                out.append(np.array([p, p + (end - a) / lengths[i] * (q - p)], np.float64))
     return np.array(out) if out else np.empty((0, 2, 3))
 
 
@@ -75,16 +82,9 @@ def short_dashed(segs: np.ndarray, dash: float = 1.5, gap: float = 1.5) -> np.nd
     if len(segs) == 0:
         return segs
     _, cum = _cumulative(segs)
-    total = cum[-1]
     keep = []
-    start = 0.0
-    while start < total:
-        end = min(start + dash, total)
-        i0 = int(np.searchsorted(cum[1:], start, side="right"))
-        i1 = int(np.searchsorted(cum[1:], end, side="left"))
-        if i0 <= i1 < len(segs):
-            keep.extend(i for i in range(i0, min(i1 + 1, len(segs))) if cum[i] >= start and cum[i + 1] <= end)
-        start += dash + gap
+    for start, end, i0, i1 in _dashes(cum, len(segs), dash, gap):
+        keep.extend(i for i in range(i0, i1 + 1) if cum[i] >= start and cum[i + 1] <= end)
     return segs[keep] if keep else np.empty((0, 2, 3))
 
 

@@ -148,18 +148,23 @@ def _shape(label: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------- map elements
-def load_polylines(root: str, attr: str, clip: str, json_key: str) -> list[Polyline]:
-    """`polyline3d` labels (road boundaries, wait lines, poles)."""
+def _label_vertices(root: str, attr: str, clip: str, json_key: str, shape_key: str, min_points: int):
+    """(label index, shape, vertices) of every usable label whose shape holds `shape_key` vertices (empty
+    labels and labels with too few valid vertices are skipped, the latter with a warning naming them)."""
     path, labels = _labels(root, attr, clip, (json_key,))
-    out = []
     for i, label in enumerate(labels):
         shape = _shape(label)
         if shape is None:
             continue
-        pts = _vertices(shape.get("polyline3d", {}).get("vertices", []), f"{path} label {i}", 2)
+        pts = _vertices(shape.get(shape_key, {}).get("vertices", []), f"{path} label {i}", min_points)
         if pts is not None:
-            out.append(Polyline(f"{attr}[{i}]", pts))
-    return out
+            yield i, shape, pts
+
+
+def load_polylines(root: str, attr: str, clip: str, json_key: str) -> list[Polyline]:
+    """`polyline3d` labels (road boundaries, wait lines, poles)."""
+    return [Polyline(f"{attr}[{i}]", pts)
+            for i, _, pts in _label_vertices(root, attr, clip, json_key, "polyline3d", 2)]
 
 
 def _most_common_type(shape: dict) -> tuple[str, str]:
@@ -179,16 +184,8 @@ def _most_common_type(shape: dict) -> tuple[str, str]:
 
 
 def load_lanelines(root: str, clip: str) -> list[Laneline]:
-    path, labels = _labels(root, "3d_lanelines", clip, ("lanelines.json",))
-    out = []
-    for i, label in enumerate(labels):
-        shape = _shape(label)
-        if shape is None:
-            continue
-        pts = _vertices(shape.get("polyline3d", {}).get("vertices", []), f"{path} label {i}", 2)
-        if pts is not None:
-            out.append(Laneline(f"3d_lanelines[{i}]", pts, *_most_common_type(shape)))
-    return out
+    return [Laneline(f"3d_lanelines[{i}]", pts, *_most_common_type(shape))
+            for i, shape, pts in _label_vertices(root, "3d_lanelines", clip, "lanelines.json", "polyline3d", 2)]
 
 
 def load_lanes(root: str, clip: str) -> list[Polyline]:
@@ -205,16 +202,7 @@ def load_lanes(root: str, clip: str) -> list[Polyline]:
 
 def load_polygons(root: str, attr: str, clip: str, json_key: str) -> list[Polygon]:
     """`surface` labels (crosswalks, road markings)."""
-    path, labels = _labels(root, attr, clip, (json_key,))
-    out = []
-    for i, label in enumerate(labels):
-        shape = _shape(label)
-        if shape is None:
-            continue
-        pts = _vertices(shape.get("surface", {}).get("vertices", []), f"{path} label {i}", 3)
-        if pts is not None:
-            out.append(Polygon(f"{attr}[{i}]", pts))
-    return out
+    return [Polygon(f"{attr}[{i}]", pts) for i, _, pts in _label_vertices(root, attr, clip, json_key, "surface", 3)]
 
 
 def _cuboids(root: str, attr: str, clip: str, keys: tuple[str, ...]):
