@@ -13,12 +13,10 @@ traceback).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 
-from cosmos_jax import cli as cli_lib  # noqa: E402
+from cosmos_jax import cli as cli_lib
 
 
 PROG = "tools/export.py"

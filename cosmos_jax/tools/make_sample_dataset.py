@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from cosmos_jax import cameras as cams  # noqa: E402
-from cosmos_jax import cli as cli_lib  # noqa: E402
-from cosmos_jax.data import video  # noqa: E402
+from cosmos_jax import cameras as cams
+from cosmos_jax import cli as cli_lib
+from cosmos_jax.data import video
 
 # camera heading (degrees, left positive) and horizontal field of view
 RIG = {

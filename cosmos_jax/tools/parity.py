@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from cosmos_jax.models import dit as dit_lib  # noqa: E402
-from cosmos_jax.models.dit_config import DiTConfig  # noqa: E402
+from cosmos_jax.models import dit as dit_lib
+from cosmos_jax.models.dit_config import DiTConfig
 
 _INPUT_NAMES = ("x_B_C_T_H_W", "timesteps_B_T", "crossattn_emb", "latent_control_input",
                 "condition_video_input_mask_B_C_T_H_W", "padding_mask", "view_indices_B_T")
@@ -329,30 +328,27 @@ def main(argv=None) -> int:
     """Run one case; errors propagate (the command line prints them as one line through `cli.run`)."""
     from cosmos_jax import cli as cli_lib
 
+    def dit_case_args(parser, outputs: str) -> None:  # the flags of every case kind that runs the DiT
+        parser.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
+        parser.add_argument("--out", required=True, help=f"output .npz ({outputs})")
+        parser.add_argument("--weights", default=None,
+                            help="other weight file (.safetensors/.pt) instead of the case's")
+        parser.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+
     ap = cli_lib.ArgumentParser(prog=PROG, description=__doc__)
     sub = ap.add_subparsers(dest="what", required=True, metavar="{dit,loss,sample,vae,text}",
                             help="which kind of case (each has its own --help)")
     dit = sub.add_parser("dit", help="multiview control DiT forward (fp32)", description="multiview control DiT "
                          "forward (fp32) of a tests/fixtures/dit_control case")
-    dit.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
-    dit.add_argument("--out", required=True, help="output .npz (key out_B_C_T_H_W)")
-    dit.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
-    dit.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    dit_case_args(dit, "key out_B_C_T_H_W")
     loss = sub.add_parser("loss", help="rectified-flow training loss of the multiview control DiT (fp32)",
                           description="the reference training loss (fp32) of a tests/fixtures/train_loss case")
-    loss.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
-    loss.add_argument("--out", required=True, help="output .npz (sigma, timesteps, x_t, v_target, net_x_input, "
-                      "net_out_raw, v_pred, per_sample_loss, loss, crossattn_emb_fed, condition_mask)")
-    loss.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
-    loss.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    dit_case_args(loss, "sigma, timesteps, x_t, v_target, net_x_input, net_out_raw, v_pred, per_sample_loss, loss, "
+                  "crossattn_emb_fed, condition_mask")
     smp = sub.add_parser("sample", help="UniPC + CFG sampling loop on the multiview control DiT (fp32)",
                          description="the reference sampling loop (fp32) of a tests/fixtures/sampler case")
-    smp.add_argument("--case", required=True, help="folder with case.json, weights.safetensors, inputs.npz")
-    smp.add_argument("--out", required=True, help="output .npz (samples_B_C_T_H_W, sigmas, timesteps, "
-                     "x_after_step, velocity_cfg_per_step, net_timesteps_per_step, predictor_order_per_step, "
-                     "v_cond_step0, v_uncond_step0, net_x_input_step0)")
-    smp.add_argument("--weights", default=None, help="other weight file (.safetensors/.pt) instead of the case's")
-    smp.add_argument("--inputs", default=None, help="other inputs.npz instead of the case's")
+    dit_case_args(smp, "samples_B_C_T_H_W, sigmas, timesteps, x_after_step, velocity_cfg_per_step, "
+                  "net_timesteps_per_step, predictor_order_per_step, v_cond_step0, v_uncond_step0, net_x_input_step0")
     vae = sub.add_parser("vae", help="Wan2.1 VAE encode + decode (fp32)",
                          description="Wan2.1 VAE encode + decode (fp32) of a tests/fixtures/wan_vae case")
     vae.add_argument("--case", required=True, help="folder with manifest.json, weights.safetensors, io.npz (x)")

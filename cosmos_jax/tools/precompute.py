@@ -19,10 +19,9 @@ failed or interrupted run leaves the existing entries intact and a re-run contin
 from __future__ import annotations
 
 import os
-import sys
 
 
-from cosmos_jax import cli as cli_lib  # noqa: E402
+from cosmos_jax import cli as cli_lib
 
 PROG = "tools/precompute.py"
 

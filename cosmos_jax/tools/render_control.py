@@ -20,7 +20,7 @@ import os
 import sys
 
 
-from cosmos_jax.worldscenario import palette, pipeline, render  # noqa: E402
+from cosmos_jax.worldscenario import palette, pipeline, render
 
 
 def build_parser() -> argparse.ArgumentParser:

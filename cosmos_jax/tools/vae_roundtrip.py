@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from cosmos_jax import cli as cli_lib  # noqa: E402
-from cosmos_jax.data import video  # noqa: E402
-from cosmos_jax.models import wan_vae  # noqa: E402
-from cosmos_jax.weights import vae_keymap  # noqa: E402
+from cosmos_jax import cli as cli_lib
+from cosmos_jax.data import video
+from cosmos_jax.models import wan_vae
+from cosmos_jax.weights import vae_keymap
 
 PROG = "tools/vae_roundtrip.py"
 

@@ -11,12 +11,11 @@ path does not exist, a bad flag).
 from __future__ import annotations
 
 import os
-import sys
 
 
-from cosmos_jax import cameras as cams  # noqa: E402
-from cosmos_jax import cli as cli_lib  # noqa: E402
-from cosmos_jax.data import layout  # noqa: E402
+from cosmos_jax import cameras as cams
+from cosmos_jax import cli as cli_lib
+from cosmos_jax.data import layout
 
 PROG = "tools/validate_dataset.py"
 _DATASET_LEVEL = "<dataset>"  # layout.validate's key for a problem of the whole dataset
