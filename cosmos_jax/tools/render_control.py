@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 
-
 from cosmos_jax.worldscenario import palette, pipeline, render
 
 
