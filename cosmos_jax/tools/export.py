@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 
-
 from cosmos_jax import cli as cli_lib
 
 

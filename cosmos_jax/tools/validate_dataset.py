@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-
 from cosmos_jax import cameras as cams
 from cosmos_jax import cli as cli_lib
 from cosmos_jax.data import layout
