@@ -25,27 +25,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 NOMINAL = 785e12
 
 
-def child(args) -> None:
+def setup(views: int, remat: str, attention: str, height: int = 90, width: int = 160, fix: bool = True):
+    """The trainer's jitted step on the real 2B config, its state and one synthetic batch:
+    (step_fn, state, batch, model FLOPs per step, row with the shape fields). `fix=False` compiles without the
+    backend's compiler options (ops.attention.compiler_options), to measure what they buy."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from bench.common import emit, timeit
     from configs import transfer2_auto_multiview as cfg_file
     from cosmos_jax import build
     from cosmos_jax.models import dit as dit_lib
+    from cosmos_jax.ops import attention as attn_ops
     from cosmos_jax.training import flops as flops_lib
     from cosmos_jax.training import step as step_lib
 
     config = cfg_file.get_config("post_train_example")
     config.unlock()
-    config.model.remat_policy = args.remat
-    config.model.attention_backend = args.attention
+    config.model.remat_policy = remat
+    config.model.attention_backend = attention
     cfg = build.dit_config_from(config.model)
     step_cfg = step_lib.step_config_from(config)
     optimizer = step_lib.optimizer_from(config)
-    v, t, h, w = int(args.views), cfg.state_t, args.height, args.width
-    row = {"views": v, "remat": args.remat, "attention": args.attention, "tokens": v * t * (h // 2) * (w // 2)}
+    v, t, h, w = int(views), cfg.state_t, height, width
+    row = {"views": v, "remat": remat, "attention": attention, "tokens": v * t * (h // 2) * (w // 2)}
     flops = flops_lib.train_step_flops(cfg, v, t, h, w)
     row["model_tflop_per_step"] = flops / 1e12
 
@@ -54,10 +57,23 @@ def child(args) -> None:
              "latent_control": jax.random.normal(ks[1], (1, 16, v * t, h, w), jnp.float32),
              "context": jax.random.normal(ks[2], (1, v * 512, cfg.crossattn_emb_channels), jnp.float32),
              "view_indices": jnp.repeat(jnp.arange(v, dtype=jnp.int32), t)[None]}
-    print(f"[child] building state ({v} views, {args.remat})", flush=True)
+    print(f"[child] building state ({v} views, {remat}, {attention})", flush=True)
     state = jax.jit(lambda: step_lib.init_state(nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(0))), cfg,
                                                 step_cfg, optimizer, 0))()
-    step_fn = jax.jit(step_lib.make_train_step(cfg, step_cfg, optimizer), donate_argnums=0)
+    step_fn = jax.jit(step_lib.make_train_step(cfg, step_cfg, optimizer), donate_argnums=0,
+                      compiler_options=attn_ops.compiler_options(cfg.attention_backend) if fix else None)
+    return step_fn, state, batch, flops, row
+
+
+def child(args) -> None:
+    import jax
+
+    from bench.common import emit
+
+    backend, _, flag = args.attention.partition("+")  # "fa3+nofix": without the backend's compiler options
+    step_fn, state, batch, flops, row = setup(args.views, args.remat, backend, args.height, args.width,
+                                              fix=flag != "nofix")
+    row["attention"] = args.attention
     try:
         t0 = time.perf_counter()
         lowered = step_fn.lower(state, batch)
@@ -86,7 +102,6 @@ def child(args) -> None:
     except Exception as e:  # OOM etc.: report and let the parent go on
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     emit(row)
-    del timeit
 
 
 def parent(args) -> None:
@@ -114,13 +129,13 @@ def parent(args) -> None:
     for r in rows:  # the first backend of each (views, remat) row is the baseline of the others
         if "step_s" in r:
             first.setdefault((r["views"], r["remat"]), r["step_s"])
-    print(f"\n{'views':>5} {'remat':>22} {'attn':>5} {'tokens':>7} {'compile s':>9} {'step s':>8} {'peak GiB':>8} "
+    print(f"\n{'views':>5} {'remat':>22} {'attn':>9} {'tokens':>7} {'compile s':>9} {'step s':>8} {'peak GiB':>8} "
           f"{'TFLOP/s':>8} {'x matmul':>8} {'x 785':>6} {'x first':>7}")
     for r in rows:
         if "step_s" not in r:
-            print(f"{r['views']:>5} {r['remat']:>22} {r['attention']:>5} {r['tokens']:>7} {r.get('error', '?')[:70]}")
+            print(f"{r['views']:>5} {r['remat']:>22} {r['attention']:>9} {r['tokens']:>7} {r.get('error', '?')[:70]}")
             continue
-        print(f"{r['views']:>5} {r['remat']:>22} {r['attention']:>5} {r['tokens']:>7} {r['compile_s']:>9.1f} "
+        print(f"{r['views']:>5} {r['remat']:>22} {r['attention']:>9} {r['tokens']:>7} {r['compile_s']:>9.1f} "
               f"{r['step_s']:>8.2f} {r['peak_gib']:>8.1f} {r['model_tflops']:>8.1f} {r['mfu_vs_matmul']:>8.3f} "
               f"{r['mfu_vs_785']:>6.3f} {first[(r['views'], r['remat'])] / r['step_s']:>7.3f}")
 
@@ -131,7 +146,7 @@ def main():
     ap.add_argument("--remat", default="save_attention", help="comma list of remat policies")
     ap.add_argument("--rows", default="", help="views:remat pairs instead of the product, e.g. 1:save_attention,7:full")
     ap.add_argument("--attention", default="cudnn", help="comma list of attention backends (the first is the "
-                    "baseline of the 'x first' column)")
+                    "baseline of the 'x first' column); 'fa3+nofix' compiles without ops.attention.compiler_options")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--height", type=int, default=90, help="latent height (720p -> 90)")
     ap.add_argument("--width", type=int, default=160)

@@ -172,3 +172,161 @@ def test_fa3_refuses_shapes_the_wheel_lacks():
         attn.flash_attention(q.astype(jnp.float32), q, q, site="self_attn")
     with pytest.raises(attn.AttentionBackendError, match="unpadded"):
         attn.local_attention(q, q, q, backend="fa3", kv_len=4)
+
+
+def _saved_names(fn, *args) -> set:
+    """The `checkpoint_name`s of the residuals `jax.ad_checkpoint.print_saved_residuals` reports for fn(*args)."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    return set(re.findall(r"named '([^']+)'", text.getvalue()))
+
+
+@pytest.mark.parametrize("backend", ["xla", "fa3", "cudnn"])
+def test_remat_policy_saves_attention_outputs_once_per_backend(backend):
+    """With a kernel backend (fa3, cudnn) the attention policies save the kernel's named output and log-sum-exp
+    only, not the named `*_attn_out` (a reshape of the kernel output: saving both stored every attention output
+    twice); with xla (no kernel) they save the named `*_attn_out` as well."""
+    names = ("self_attn_kernel_out", "self_attn_kernel_lse", "self_attn_out",
+             "cross_attn_kernel_out", "cross_attn_kernel_lse", "cross_attn_out")
+
+    def f(x):
+        # a sin/cos chain: each named value is a distinct residual the backward needs (d sin(y) = cos(y) dy)
+        y = x
+        for i, name in enumerate(names):
+            y = jax.ad_checkpoint.checkpoint_name(jnp.sin(y) if i % 2 == 0 else jnp.cos(y), name)
+        return jnp.sum(jnp.sin(y))
+
+    x = jnp.linspace(0.1, 1.0, 8, dtype=jnp.float32)
+    saved = {policy: _saved_names(jax.checkpoint(f, policy=dit_lib.remat_policy(policy, backend=backend)), x)
+             for policy in ("save_attention", "save_self_attention", "save_attention_and_dots", "full")}
+    self_kernel = {"self_attn_kernel_out", "self_attn_kernel_lse"}
+    cross_kernel = {"cross_attn_kernel_out", "cross_attn_kernel_lse"}
+    if backend == "xla":
+        want_all = self_kernel | cross_kernel | {"self_attn_out", "cross_attn_out"}
+        want_self = self_kernel | {"self_attn_out"}
+    else:
+        want_all = self_kernel | cross_kernel
+        want_self = self_kernel
+    assert saved["save_attention"] == want_all, saved
+    assert saved["save_attention_and_dots"] == want_all, saved
+    assert saved["save_self_attention"] == want_self, saved
+    assert saved["full"] == set(), saved
+    # all six names are residuals when every one is saveable, so the sets above are the policies' choice
+    everything = jax.checkpoint_policies.save_only_these_names(*names)
+    assert _saved_names(jax.checkpoint(f, policy=everything), x) == set(names)
+
+
+def _scan_residual_shapes(fn, *args) -> list:
+    """Shapes of the residuals `print_saved_residuals` reports as outputs of a scan (the scanned layer stacks'
+    stacked per-layer residuals; it names nothing inside a scan)."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    return [tuple(int(d) for d in dims.split(",") if d)
+            for dims in re.findall(r"^\w+\[([\d,]*)\] output of scan", text.getvalue(), re.M)]
+
+
+def _case_a_net(case_a, monkeypatch):
+    monkeypatch.setattr(attn, "fa3_kernels", attn.xla_kernels)
+    monkeypatch.setattr(attn, "check_fa3_shape", lambda q: None)
+    cfg = parity.load_case_config(str(case_a))
+    params, cfg = parity.load_case_params(str(case_a), cfg)
+    args = parity.load_case_inputs(str(case_a / "inputs.npz"))
+
+    def loss_for(backend: str, policy: str):
+        model = dit_lib.MultiViewControlDiT(dataclasses.replace(cfg, attention_backend=backend, remat_policy=policy))
+        return lambda p: jnp.sum(model.apply({"params": p}, **args) ** 2)
+
+    return cfg, params, loss_for
+
+
+def test_net_save_attention_keeps_each_attention_output_once(case_a, monkeypatch):
+    """caseA's net (2 control + 4 base blocks, scanned; each one self- and one cross-attention) under
+    `save_attention`. `print_saved_residuals` does not see the names inside nn.scan/nn.remat (it reports the
+    stacks' residuals as 'output of scan'), so the saved tensors are told apart by shape: the named `*_attn_out`
+    are [L, B, T, S, H, D] (6-D), the fa3 kernel outputs [L, B, N, H, D] and log-sum-exps [L, B, H, N].
+    With fa3 each stack saves the 2 kernel outputs + 2 log-sum-exps and no `*_attn_out` (MultiViewControlDiT
+    passes cfg.attention_backend to remat_policy); with xla it saves the 2 named `*_attn_out`."""
+    cfg, params, loss_for = _case_a_net(case_a, monkeypatch)
+    hd = (cfg.num_heads, cfg.head_dim)
+    stacks = 2  # control and base
+    shapes = {backend: _scan_residual_shapes(loss_for(backend, "save_attention"), params)
+              for backend in ("fa3", "xla")}
+
+    def attn_outs(s):  # named *_attn_out: [L, B, T, S, H, D]
+        return [x for x in s if len(x) == 6 and x[-2:] == hd]
+
+    def kernel_outs(s):  # fa3 kernel output: [L, B, N, H, D]
+        return [x for x in s if len(x) == 5 and x[-2:] == hd]
+
+    def kernel_lses(s):  # fa3 log-sum-exp: [L, B, H, N]
+        return [x for x in s if len(x) == 4 and x[2] == cfg.num_heads]
+
+    assert attn_outs(shapes["fa3"]) == [], shapes["fa3"]
+    assert len(kernel_outs(shapes["fa3"])) == 2 * stacks, shapes["fa3"]
+    assert len(kernel_lses(shapes["fa3"])) == 2 * stacks, shapes["fa3"]
+    assert len(attn_outs(shapes["xla"])) == 2 * stacks, shapes["xla"]
+    assert kernel_outs(shapes["xla"]) == [] and kernel_lses(shapes["xla"]) == [], shapes["xla"]
+
+
+def test_net_save_attention_gradients_equal_between_fa3_and_xla(case_a, monkeypatch):
+    """With fa3 `save_attention` no longer saves the named `*_attn_out`: the backward recomputes them from the
+    saved kernel output. The gradients are those of the xla backend (which saves the named outputs)."""
+    _, params, loss_for = _case_a_net(case_a, monkeypatch)
+    fast_compile = {"xla_backend_optimization_level": 0}  # the 2 compiles are most of the test's time
+    with jax.default_matmul_precision("highest"):
+        grads = {backend: jax.jit(jax.grad(loss_for(backend, "save_attention")), compiler_options=fast_compile)(params)
+                 for backend in ("fa3", "xla")}
+    for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+        got = _tree_get(grads["fa3"], path)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _tree_get(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_compiler_options_per_backend():
+    assert attn.compiler_options("fa3") == {"xla_gpu_enable_dynamic_slice_fusion": False}
+    assert attn.compiler_options("xla") == {}
+    assert attn.compiler_options("cudnn") == {}
+
+    def f(x):
+        return jnp.sum(jnp.sin(x) * x[::-1]) + jnp.cumsum(x)
+
+    x = jnp.linspace(-1.0, 1.0, 16, dtype=jnp.float32)
+    want = jax.jit(f)(x)
+    # XLA rejects an option name it does not know ("No such compile option"), so this compiling shows the name
+    # is one XLA accepts
+    got = jax.jit(f, compiler_options=attn.compiler_options("fa3"))(x)
+    np.testing.assert_array_equal(got, want)
+    for backend in ("xla", "cudnn"):
+        np.testing.assert_array_equal(jax.jit(f, compiler_options=attn.compiler_options(backend))(x), want)
+
+
+def test_fa3_backward_scratch_rows_cover_every_kernel_tile():
+    """The FA3 backward kernel writes softmax_d / softmax_lse_log2 rows of the query length rounded up to its tile
+    height (80 for head_dim 128 on SM90); the wheel's lowering sized them rounded to 128, so at S = 256 or 4,096 the
+    kernel wrote past them (inf / wrong gradients on an H200). Our call sizes them for every tile height."""
+    for sq in list(range(1, 700)) + [4000, 4096, 28_800, 57_600, 201_600]:
+        rows = attn.fa3_backward_rows(sq)
+        assert all(rows >= -(-sq // m) * m for m in (64, 80, 96, 128)), sq
+        assert rows - sq < 128, sq
+    assert attn.fa3_backward_rows(256) == 320 and attn.fa3_backward_rows(4096) == 4160
+
+
+def test_fa3_backward_call_allocates_the_covering_buffers():
+    """The backward FFI call (traced, not run: the kernel needs a Hopper GPU) returns gradients of the inputs'
+    shapes and scratch buffers of fa3_backward_rows rows."""
+    q = jnp.zeros((2, 256, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
+    lse = jnp.zeros((2, 4, 256), jnp.float32)
+    jaxpr = jax.make_jaxpr(attn._fa3_backward, static_argnums=6)(q, q, k, k, q, lse, 0.088)
+    calls = [e for e in jaxpr.jaxpr.eqns if "ffi" in e.primitive.name]
+    assert len(calls) == 1 and calls[0].params.get("target_name") == "flash_mha_bwd", calls
+    shapes = [tuple(v.aval.shape) for v in calls[0].outvars]
+    assert shapes == [(2, 256, 4, 128), (2, 512, 4, 128), (2, 512, 4, 128), (2, 4, 320), (2, 4, 320)]

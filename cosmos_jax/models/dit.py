@@ -57,7 +57,7 @@ def _is_self_attention_forward(cross_attn_keys: int):
     return policy
 
 
-def remat_policy(name: str, cross_attn_keys: int = 512):
+def remat_policy(name: str, cross_attn_keys: int = 512, backend: str = "xla"):
     """None = no rematerialisation; otherwise a `jax.checkpoint` policy.
 
     With the fa3 backend the attention policies save the kernel's named output and log-sum-exp
@@ -72,10 +72,15 @@ def remat_policy(name: str, cross_attn_keys: int = 512):
     2 views x 4 frames x 300 tokens, 2 heads): saves the self-attention cuDNN output bf16[1,2432,2,128] and its
     softmax statistics f32[1,2,2432] plus the named 'self_attn_out'; nothing of the cross-attention (save_attention
     also keeps its cuDNN output, statistics and 'cross_attn_out'). Gradients agree with the other policies.
+    With a kernel backend (cudnn, fa3) the named `*_attn_out` tensors are not saved as well: they are the
+    kernel's output reshaped (sliced where cuDNN padded, and under Ulysses after the back all-to-all), so saving
+    both stored every attention output twice (2 x 6.6 GB at 2 views; 2 x 23 GB at 7 views). The backward recomputes
+    them from the saved kernel output (a reshape; under context parallelism one extra all-to-all per layer).
     """
     cp = jax.checkpoint_policies
-    self_names = ("self_attn_out",) + FA3_SAVED["self_attn"]
-    cross_names = ("cross_attn_out",) + FA3_SAVED["cross_attn"]
+    kernel = backend != "xla"
+    self_names = FA3_SAVED["self_attn"] + (() if kernel else ("self_attn_out",))
+    cross_names = FA3_SAVED["cross_attn"] + (() if kernel else ("cross_attn_out",))
     attention = cp.save_from_both_policies(cp.save_only_these_names(*self_names, *cross_names),
                                            _is_attention_forward)
     policies = {
@@ -125,7 +130,7 @@ class _ControlLayer(nn.Module):
 
 
 def _stack(layer_cls, cfg: DiTConfig, length: int, n_broadcast: int, name: str):
-    policy = remat_policy(cfg.remat_policy, cfg.crossattn_tokens_per_view)
+    policy = remat_policy(cfg.remat_policy, cfg.crossattn_tokens_per_view, cfg.attention_backend)
     if cfg.remat_policy != "none":
         layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
     scanned = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},

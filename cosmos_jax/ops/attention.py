@@ -102,8 +102,42 @@ def fa3_kernels() -> Kernels:
                                     f"'.[gpu,fa3]', i.e. flash-attn3-jax==0.2.3): {e}") from None
     cfg = dict(is_causal=False, window_size=(-1, -1))
     return Kernels(fwd=lambda q, k, v, scale: tuple(fa3._flash_mha_fwd(q, k, v, softmax_scale=scale, **cfg)),
-                   bwd=lambda do, q, k, v, o, lse, scale: tuple(
-                       fa3._flash_mha_bwd(do, q, k, v, o, lse, softmax_scale=scale, **cfg)))
+                   bwd=_fa3_backward)
+
+
+FA3_BWD_TILE_HEIGHTS = (64, 80, 96, 128)  # kBlockM of FA3's SM80/SM86/SM90 backward kernels, any head_dim
+
+
+def fa3_backward_rows(seqlen_q: int) -> int:
+    """Rows per (batch, head) of the FA3 backward's softmax_d / softmax_lse_log2 buffers: the query length rounded
+    up to every tile height the kernels use, so the kernel's own rounding never writes past them."""
+    return max(_round_up(seqlen_q, m) for m in FA3_BWD_TILE_HEIGHTS)
+
+
+def _fa3_backward(do, q, k, v, o, lse, scale):
+    """The wheel's backward FFI target, called with correctly sized scratch outputs.
+
+    The kernel writes its softmax_d / softmax_lse_log2 rows with a stride of the query length rounded up to its
+    tile height (kBlockM: 80 for head_dim 128 on SM90, 64 causal), but the wheel's own lowering sizes those buffers
+    rounded up to 128. Where the two differ (S = 256: 320 > 256; S = 4,096: 4,160 > 4,096) the kernel wrote past
+    them and the gradients came out inf / wrong (seen on an H200: relative error 8.9e2 at 4,096 x 16); the DiT's
+    training shapes (multiples of 3,600 tokens) happen to be multiples of 80. Sizing them for every tile height
+    the kernels use removes the overrun.
+    """
+    b, sq, h, d = q.shape
+    rows = fa3_backward_rows(sq)
+    e = jnp.zeros((0,), jnp.int32)
+    dq, dk, dv, _, _ = jax.ffi.ffi_call(
+        "flash_mha_bwd", result_shape_dtypes=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, h, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, rows), jnp.float32)],
+        has_side_effect=False, input_layouts=[None] * 10, output_layouts=[None] * 5)(
+        do, q, k, v, o, lse, e, e, e, e,
+        max_seqlen_q_val=sq, max_seqlen_q_has_value=True, max_seqlen_k_val=k.shape[1], max_seqlen_k_has_value=True,
+        softmax_scale_val=float(scale), softmax_scale_has_value=True, is_causal=False, window_size_left=-1,
+        window_size_right=-1, softcap=0.0, deterministic=False, sm_margin=0)
+    return dq, dk, dv
 
 
 def xla_kernels() -> Kernels:
@@ -193,6 +227,18 @@ def resolve_backend(name: str, devices=None) -> str:
             raise AttentionBackendError(f"attention_backend 'fa3' needs Hopper GPUs (SM90); this run has {kinds}")
         fa3_kernels()
     return name
+
+
+def compiler_options(backend: str) -> dict:
+    """XLA options a program using this backend must be compiled with (pass to `jax.jit(compiler_options=...)`).
+
+    fa3: XLA's GPU dynamic-slice fusion rewrites a custom call whose output is written into a stacked buffer (the
+    scanned layers' saved residuals) into a fusion that writes it in place, but when the output has other users too
+    it keeps the original call as well, so every FA3 forward ran twice in the training step's forward loop (seen in
+    the optimised HLO of the 2B net: 8 forward calls for 4 call sites; profile: 2.75 s of forward kernels vs 1.44 s
+    with cuDNN). Switching the rewrite off keeps one call per site.
+    """
+    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend == "fa3" else {}
 
 
 def _pad_seq(x, length: int):

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cosmos_jax import atomic, build
 from cosmos_jax.data import layout, pipeline
 from cosmos_jax.models import dit as dit_lib
+from cosmos_jax.ops import attention as attn_ops
 from cosmos_jax.parallel import distributed, mesh as mesh_lib
 from cosmos_jax.training import checkpoint as ckpt_lib
 from cosmos_jax.training import flops as flops_lib
@@ -322,7 +323,8 @@ def train(config, *, stop_after: int | None = None) -> dict:
         batch_sh = {k: distributed.batch_sharding(mesh, n) for k, n in
                     (("x0", 5), ("latent_control", 5), ("context", 3), ("view_indices", 2))}
         step_fn = jax.jit(step_lib.make_train_step(dit_cfg, step_cfg, optimizer),
-                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0,
+                          compiler_options=attn_ops.compiler_options(dit_cfg.attention_backend))
 
         # (4) ---------------------------------------------------------------------------------------------------
         logger = metrics_lib.MetricsLogger(jd, enabled=is_main)
