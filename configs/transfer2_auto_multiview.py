@@ -45,7 +45,8 @@ def _model(**kw) -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"               # compute dtype of the blocks
     m.weight_dtype = "bfloat16"        # the weights the forward uses: the reference trainer holds the net in bf16
     #                                    (trainable weights keep fp32 master copies in the optimizer state)
-    m.attention_backend = "cudnn"      # "cudnn" (GPU) | "xla" (any device)
+    m.attention_backend = "auto"       # auto: fa3 on Hopper with flash-attn3-jax, else cudnn on GPUs, else xla
+    #                                    | "fa3" | "cudnn" | "xla" (any device)
     m.remat_policy = "save_attention"  # none | full | save_attention | save_self_attention | save_dots | ...
     m.weights = ""                     # initial weights: reference .pt / .safetensors, or an Orbax checkpoint of ours
     m.update(kw)
