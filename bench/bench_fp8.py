@@ -1,0 +1,241 @@
+"""fp8 attention on one GPU: can it be had, how fast is it against bf16 cuDNN in the same run, what error does it add.
+
+    python bench/bench_fp8.py                                   # 4,096x16 (errors vs fp32) + 28,800x16 + 57,600x16
+    python bench/bench_fp8.py --shapes 4096x16
+
+Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-normal):
+  fwd+bwd  cudnn (baseline) | fa3 |
+           cudnn_fp8 (cuDNN's fp8 forward *and* backward through JAX's fp8 primitives, e4m3 everywhere, including
+           dO, dP and dQ/dK/dV; per-tensor current scaling of q, k, v, dO; the other scales from a first call's amax
+           outputs, i.e. delayed scaling after one step) |
+           cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
+           scale plumbing here from a wrong kernel)
+  fwd      cudnn | fa3 | fa3_fp8 (the flash-attn3-jax wheel's FFI target called with e4m3 q, k, v and descales)
+Errors are relative L2 norms of the output and the worst of dq, dk, dv: against an fp32 XLA reference where S is
+small enough (4,096), else against the cudnn bf16 row. FLOPs: forward 4*S^2*H*D, backward 2.5x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+E4M3_MAX = 448.0
+
+
+def amax(x):
+    import jax.numpy as jnp
+
+    return jnp.max(jnp.abs(x.astype(jnp.float32)))
+
+
+def scale_from_amax(a, fmax: float = E4M3_MAX):
+    """x * scale spans [-fmax, fmax]; 1 where amax is 0 or not finite."""
+    import jax.numpy as jnp
+
+    a = jnp.asarray(a, jnp.float32)
+    ok = jnp.isfinite(a) & (a > 0)
+    return jnp.where(ok, fmax / jnp.where(ok, a, 1.0), 1.0)
+
+
+def quantize(x, scale):
+    """e4m3(x * scale), saturating at +-448 (a plain cast gives NaN beyond it)."""
+    import jax.numpy as jnp
+
+    return jnp.clip(x.astype(jnp.float32) * scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def dequantize(x8, descale):
+    import jax.numpy as jnp
+
+    return (x8.astype(jnp.float32) * descale).astype(jnp.bfloat16)
+
+
+def fa3_fp8_forward(q, k, v):
+    """The wheel's forward FFI target with e4m3 q, k, v (per-tensor current scaling) -> bf16 out."""
+    import jax
+    import jax.numpy as jnp
+
+    from cosmos_jax.ops import attention as attn
+
+    attn.fa3_kernels()  # imports the wheel, which registers its FFI targets
+    scales = [scale_from_amax(amax(x)) for x in (q, k, v)]
+    q8, k8, v8 = (quantize(x, s) for x, s in zip((q, k, v), scales))
+    b, sq, h, d = q.shape
+    desc = [jnp.broadcast_to(1.0 / s, (b, k.shape[2])).astype(jnp.float32) for s in scales]
+    e_i32, e_bf16 = jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.bfloat16)
+    out, _, _, _ = jax.ffi.ffi_call(
+        "flash_mha_fwd", result_shape_dtypes=[
+            jax.ShapeDtypeStruct((b, sq, h, d), jnp.bfloat16), jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
+            jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32), jax.ShapeDtypeStruct((1, 1, 1), jnp.float32)],
+        has_side_effect=False, input_layouts=[None] * 21, output_layouts=[None] * 4)(
+        q8, k8, v8, e_bf16, e_bf16, e_bf16, *([e_i32] * 8), e_bf16, e_bf16, e_i32, *desc, e_i32,
+        max_seqlen_q=sq, max_seqlen_q_has_value=True, max_seqlen_k=k.shape[1], max_seqlen_k_has_value=True,
+        softmax_scale_val=1.0 / math.sqrt(d), softmax_scale_has_value=True, pack_gqa_val=False,
+        pack_gqa_has_value=False, is_causal=False, window_size_left=-1, window_size_right=-1, attention_chunk=0,
+        softcap=0.0, is_rotary_interleaved=False, num_splits=1, sm_margin=0)
+    return out
+
+
+def cudnn_fp8_fn(d: int):
+    """(q, k, v, do, scales[12]) -> (out, dq, dk, dv, amaxes[6]) through cuDNN's fp8 attention primitives."""
+    import jax.numpy as jnp
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    layout = fa.AttentionLayout.BTNH.value
+    scale = 1.0 / math.sqrt(d)
+
+    def one(x):
+        return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
+
+    def run(q, k, v, do, s):
+        # s: q, k, v, s (probabilities), o, do, dp, dq, dk, dv scales (x * scale -> fp8)
+        sq, sk, sv, ss, so, sdo, sdp, sdq, sdk, sdv = (s[i] for i in range(10))
+        q8, k8, v8 = quantize(q, sq), quantize(k, sk), quantize(v, sv)
+        o8, amax_s, amax_o, stats = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
+            q8, k8, v8, one(1 / sq), one(1 / sk), one(1 / sv), one(1 / ss), one(ss), one(so),
+            scale=scale, use_causal_mask=False, layout=layout, is_training=True)
+        do8 = quantize(do, sdo)
+        dq8, dk8, dv8, amax_dq, amax_dk, amax_dv, amax_dp = fa._dot_product_attention_fp8_bwd_p_wrapper.bind(
+            q8, k8, v8, o8, do8, stats,
+            one(1 / sq), one(1 / sk), one(1 / sv), one(1 / so), one(1 / sdo), one(1 / ss), one(1 / sdp),
+            one(ss), one(sdq), one(sdk), one(sdv), one(sdp),
+            scale=scale, use_causal_mask=False, layout=layout)
+        deq = [dequantize(x, 1 / sc) for x, sc in ((o8, so), (dq8, sdq), (dk8, sdk), (dv8, sdv))]
+        amaxes = jnp.stack([jnp.max(a) for a in (amax_s, amax_o, amax_dq, amax_dk, amax_dv, amax_dp)])
+        return (*deq, amaxes)
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x16,28800x16,57600x16", help="comma list of SxH")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_fp8.jsonl")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.common import timeit
+    from cosmos_jax.ops import attention as attn
+
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    for shape in args.shapes.split(","):
+        s, h = (int(x) for x in shape.split("x"))
+        d = 128
+        ks = jax.random.split(jax.random.key(0), 4)
+        q, k, v, ct = (jax.random.normal(kk, (1, s, h, d), jnp.bfloat16) for kk in ks)
+        fwd_flops = 4 * s * s * h * d
+        ref = None
+        if s <= 4096:  # fp32 reference
+            def ref_loss(q, k, v):
+                o = attn.local_attention(q, k, v, backend="xla")
+                return jnp.sum(o * ct.astype(jnp.float32)), o
+            with jax.default_matmul_precision("highest"):
+                (_, o32), g32 = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1, 2), has_aux=True))(
+                    *(x.astype(jnp.float32) for x in (q, k, v)))
+            ref = [np.asarray(x) for x in (o32, *g32)]
+        base = {}
+
+        def record(row, res, secs, flops, mode):
+            row.update(s=secs, tflops=flops / secs / 1e12)
+            if mode not in base:
+                base[mode] = (secs, res)
+            row["x_cudnn"] = base[mode][0] / secs
+            target = ref if ref is not None else base[mode][1]
+            row["vs"] = "fp32" if ref is not None else "cudnn_bf16"
+            row["rel_err_out"] = rel(res[0], target[0])
+            if len(res) > 1:
+                row["rel_err_grad"] = max(rel(a, r) for a, r in zip(res[1:], target[1:]))
+
+        for b in ("cudnn", "fa3"):  # fwd + bwd through the product's op
+            row = {"S": s, "H": h, "mode": "fwd+bwd", "backend": b}
+            try:
+                def loss(q, k, v, b=b):
+                    o = attn.local_attention(q, k, v, backend=b, site="self_attn")
+                    return jnp.sum(o.astype(jnp.float32) * ct.astype(jnp.float32)), o
+                f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+                (_, o), g = f(q, k, v)
+                record(row, [np.asarray(x, np.float32) for x in (o, *g)],
+                       timeit(f, q, k, v, iters=args.iters), 3.5 * fwd_flops, "fwd+bwd")
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        row = {"S": s, "H": h, "mode": "fwd+bwd", "backend": "cudnn_fp8"}
+        try:
+            run = jax.jit(cudnn_fp8_fn(d))
+            # first call: q/k/v/do from their amax; o bounded by v's amax; probabilities <= 1; dP by Cauchy-Schwarz;
+            # dq/dk/dv from the bf16 gradients' amax (what delayed scaling converges to)
+            gref = base["fwd+bwd"][1]
+            a = [amax(x) for x in (q, k, v)]
+            norm = lambda x: jnp.max(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))  # noqa: E731
+            first = jnp.stack([scale_from_amax(x) for x in (
+                a[0], a[1], a[2], jnp.float32(1.0), a[2], amax(ct), 2 * norm(ct) * norm(v),
+                *(float(np.abs(x).max()) for x in gref[1:]))])
+            *_, amaxes = run(q, k, v, ct, first)
+            am = np.asarray(amaxes)
+            row["amax_s_o_dq_dk_dv_dp"] = am.tolist()
+            second = first.at[jnp.array([3, 4, 7, 8, 9, 6])].set(
+                jnp.stack([scale_from_amax(x) for x in amaxes]))
+            o, dq, dk, dv, _ = run(q, k, v, ct, second)
+            record(row, [np.asarray(x, np.float32) for x in (o, dq, dk, dv)],
+                   timeit(run, q, k, v, ct, second, iters=args.iters), 3.5 * fwd_flops, "fwd+bwd")
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+        row = {"S": s, "H": h, "mode": "fwd+bwd", "backend": "cudnn_fp8_unit"}
+        try:
+            o, dq, dk, dv, _ = run(q, k, v, ct, jnp.ones((10,), jnp.float32))
+            record(row, [np.asarray(x, np.float32) for x in (o, dq, dk, dv)],
+                   timeit(run, q, k, v, ct, jnp.ones((10,), jnp.float32), iters=args.iters), 3.5 * fwd_flops,
+                   "fwd+bwd")
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+        for b in ("cudnn", "fa3", "fa3_fp8"):  # forward only (inference)
+            row = {"S": s, "H": h, "mode": "fwd", "backend": b}
+            try:
+                f = jax.jit(fa3_fp8_forward if b == "fa3_fp8" else
+                            lambda q, k, v, b=b: attn.local_attention(q, k, v, backend=b, site="self_attn"))
+                o = f(q, k, v)
+                record(row, [np.asarray(o, np.float32)], timeit(f, q, k, v, iters=args.iters), fwd_flops, "fwd")
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    with open(os.path.join(args.out, "bench_fp8.jsonl"), "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    print(f"\n{'S x H':>12} {'mode':>7} {'backend':>9} {'ms':>8} {'TFLOP/s':>8} {'x cudnn':>8} {'vs':>10} "
+          f"{'out err':>8} {'grad err':>8}")
+    for r in rows:
+        if "s" not in r:
+            print(f"{r['S']:>7}x{r['H']:<4} {r['mode']:>7} {r['backend']:>9} {r['error'][:90]}")
+            continue
+        print(f"{r['S']:>7}x{r['H']:<4} {r['mode']:>7} {r['backend']:>9} {r['s'] * 1e3:>8.2f} {r['tflops']:>8.1f} "
+              f"{r['x_cudnn']:>8.3f} {r['vs']:>10} {r['rel_err_out']:>8.1e} {r.get('rel_err_grad', 0):>8.1e}")
+
+
+if __name__ == "__main__":
+    main()
