@@ -11,6 +11,7 @@ resampling its timeline (--fps), which interpolates poses and objects between th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -64,6 +65,7 @@ def main(argv=None) -> None:
     from cosmos_jax.worldscenario import pipeline, rdshq, render
 
     print(device_line(), flush=True)
+    has_av = importlib.util.find_spec("av") is not None  # the renderer needs no PyAV; encoding and the CLI do
     cams = pipeline.parse_cameras(args.cameras)
     scene = rdshq.load_scene(args.scene, cams)
     span_s = (scene.timestamps[-1] - scene.timestamps[0]) / 1e6
@@ -85,21 +87,20 @@ def main(argv=None) -> None:
                     t0 = time.perf_counter()
                     frames.append(render.render_camera(scene, cam, np.array([t]), static, opts)[0])
                     per_frame.append(time.perf_counter() - t0)
-                clip = np.stack(frames)
-                t0 = time.perf_counter()
-                video.write_video(os.path.join(tmp, f"{cam}.mp4"), clip, 30.0, crf=pipeline.CRF)
-                encode = time.perf_counter() - t0
                 render_s = sum(per_frame)
                 rec = dict(camera=cam, samples=samples, frames=len(times), static_prep_s=round(prep, 3),
                            render_fps=round(len(times) / render_s, 3),
-                           median_frame_s=round(statistics.median(per_frame), 3),
-                           render_encode_fps=round(len(times) / (render_s + encode), 3))
+                           median_frame_s=round(statistics.median(per_frame), 3))
+                if has_av:
+                    t0 = time.perf_counter()
+                    video.write_video(os.path.join(tmp, f"{cam}.mp4"), np.stack(frames), 30.0, crf=pipeline.CRF)
+                    rec["render_encode_fps"] = round(len(times) / (render_s + time.perf_counter() - t0), 3)
                 records.append(rec)
                 print(f"{cam:28s} samples={samples}  render {rec['render_fps']:6.2f} fps "
-                      f"(median {rec['median_frame_s']:.3f} s/frame)  "
-                      f"render+encode {rec['render_encode_fps']:6.2f} fps",
+                      f"(median {rec['median_frame_s']:.3f} s/frame)  render+encode "
+                      + (f"{rec['render_encode_fps']:6.2f} fps" if has_av else "not timed (PyAV not installed)"),
                       flush=True)
-        for workers in [int(w) for w in args.workers.split(",")]:
+        for workers in [int(w) for w in args.workers.split(",")] if has_av else []:
             out = os.path.join(tmp, f"run{workers}")
             job = pipeline.Job(args.scene, out, tuple(cams), max_frames=len(times), fps=fps, workers=workers)
             t0 = time.perf_counter()
