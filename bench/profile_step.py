@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 KINDS = (  # first match wins; kernel names are lower-cased
+    ("collective", re.compile(r"nccl|all_?to_?all|all_?gather|reduce_?scatter|all_?reduce|send_?recv")),
     ("attn_bwd", re.compile(r"flash.*bwd|bwd.*flash|bprop|dgrad.*attn|sdpa.*bwd|_bwd_kernel")),
     ("attn_fwd", re.compile(r"flash|fmha|sdpa|cudnn_generated|fprop.*attn")),
     ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|sm90_|wgmma|cublas")),

@@ -1,0 +1,69 @@
+"""The benchmark scripts' own logic that runs without a GPU: the multi-GPU layout names and the profile summary
+(GPU kernel time by kind, span and idle time) of a perfetto trace."""
+
+import gzip
+import json
+
+import pytest
+
+from bench import bench_multigpu, profile_step
+
+
+def test_layout_names_map_to_mesh_axes():
+    assert bench_multigpu.parse_layout("c8") == {"data": 1, "fsdp": 1, "context": 8, "tensor": 1}
+    assert bench_multigpu.parse_layout("f2c4") == {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}
+    assert bench_multigpu.parse_layout("d2f2c2") == {"data": 2, "fsdp": 2, "context": 2, "tensor": 1}
+    for bad in ("", "x8", "c", "c8x", "8c", "c4 d2"):
+        with pytest.raises(ValueError, match="layout"):
+            bench_multigpu.parse_layout(bad)
+
+
+def test_kernel_kinds():
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128": "attn_fwd",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7": "attn_bwd",
+        "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<": "attn_fwd",
+        "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnBwdSm90<": "attn_bwd",
+        "flash_bwd_convert_dq_kernel": "attn_bwd",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "gemm",
+        "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "input_transpose_fusion": "copy",
+        "loop_multiply_fusion_3": "fusion",
+    }
+    for name, kind in kinds.items():
+        assert profile_step.kind_of(name) == kind, name
+
+
+def test_profile_summary_of_a_trace(tmp_path):
+    """Kernel time per kind and name, the span of the GPU events and the idle time inside it; host events and
+    metadata are ignored."""
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0.0, "dur": 5000.0, "name": "PjitFunction(train_step)"},
+        {"ph": "X", "pid": 7, "tid": 2, "ts": 100.0, "dur": 300.0, "name": "nvjet_tst_128x256"},
+        {"ph": "X", "pid": 7, "tid": 2, "ts": 400.0, "dur": 1000.0, "name": "flash_fwd_kernel",
+         "args": {"hlo_op": "ffi_call.6"}},
+        {"ph": "X", "pid": 7, "tid": 3, "ts": 900.0, "dur": 200.0, "name": "ncclDevKernel_SendRecv"},
+        {"ph": "X", "pid": 7, "tid": 2, "ts": 1600.0, "dur": 400.0, "name": "flash_fwd_kernel"},
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    s = profile_step.summarise(str(path))
+    assert s["n_kernels"] == 4
+    assert s["span_s"] == pytest.approx(1900e-6)  # 100 .. 2000 us
+    assert s["busy_s"] == pytest.approx(1700e-6)  # the collective overlaps the forward kernel
+    assert s["idle_s"] == pytest.approx(200e-6)   # 1400 .. 1600 us
+    assert s["by_kind_s"] == pytest.approx({"attn_fwd": 1400e-6, "gemm": 300e-6, "collective": 200e-6})
+    assert s["top_kernels"][0] == {"name": "flash_fwd_kernel", "s": pytest.approx(1400e-6), "calls": 2}
+    assert s["top_hlo_ops"] == [{"op": "ffi_call", "s": pytest.approx(1000e-6)}]
+
+
+def test_profile_summary_without_gpu_events(tmp_path):
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+                                   {"ph": "X", "pid": 1, "ts": 0, "dur": 5, "name": "x"}]}, fh)
+    assert "error" in profile_step.summarise(str(path))
