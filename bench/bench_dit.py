@@ -70,7 +70,8 @@ def net_step(cfg, n_views, t, h, w):
         out = model.apply({"params": params}, **inputs)
         return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
-    return jax.jit(jax.value_and_grad(loss)), (params, inputs)
+    return (jax.jit(jax.value_and_grad(loss), compiler_options=attn_ops.compiler_options(cfg.attention_backend)),
+            (params, inputs))
 
 
 def main():

@@ -24,6 +24,7 @@ from flax import linen as nn  # noqa: E402
 
 from cosmos_jax.models import dit as dit_lib  # noqa: E402
 from cosmos_jax.models.dit_config import DiTConfig  # noqa: E402
+from cosmos_jax.ops import attention as attn_ops  # noqa: E402
 
 
 def rel(a, b):
@@ -45,7 +46,8 @@ def main():
         def loss(p):
             out = dit_lib.MultiViewControlDiT(cfg).apply({"params": p}, **inp)
             return jnp.mean(out.astype(jnp.float32) ** 2), out
-        (l, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
+        (l, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                              compiler_options=attn_ops.compiler_options(cfg.attention_backend))(p)
         return out, g
 
     with jax.default_matmul_precision("highest"):

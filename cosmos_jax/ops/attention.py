@@ -13,7 +13,11 @@ Backends
          any sequence length. Its forward and backward kernels are wrapped in our own `jax.custom_vjp` whose
          forward names the kernel's output and log-sum-exp (`<site>_kernel_out`, `<site>_kernel_lse`, site
          `self_attn` or `cross_attn`), so a remat policy that saves those names keeps the backward from rerunning
-         the attention forward (a policy cannot see inside the wheel's own custom_vjp).
+         the attention forward (a policy cannot see inside the wheel's own custom_vjp). The backward kernel is
+         called through the wheel's FFI target with scratch buffers sized for every tile height (`_fa3_backward`:
+         the wheel's own lowering under-sizes them for some lengths), and a jitted program that uses the backend
+         must be compiled with `compiler_options("fa3")` (the trainer does), else XLA duplicates every forward
+         whose output a scanned gradient saves.
   auto   (config value only, resolved by `resolve_backend`) fa3 where it is installed and the GPU is Hopper, else
          cudnn on GPUs, else xla.
 
