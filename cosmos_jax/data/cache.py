@@ -3,8 +3,11 @@
 Layout: `CACHE/manifest.json` says what produced the entries (VAE config + weight fingerprint, text encoder + weight
 fingerprint, whether contexts are projected by the DiT's frozen crossattn_proj, sample spec); `CACHE/<name>.npz`
 holds one sample: `latent` and `latent_control` (V, t, h, w, 16) float32, `context` (V * 512, C) float32 (C = 1024
-projected, 100352 raw), `view_indices_selection`, `fps`. Entries are written atomically; a run skips the ones that
-exist (resumable). Opening a cache whose manifest differs from what the current config would produce is an error
+projected, 100352 raw), `view_indices_selection`, `fps`; `CACHE/negative_context.npy` (optional) holds the built-in
+negative prompt's ONE-view context (512, C) float32, raw or projected like the entries' `context` (the training
+hook's unconditional branch tiles it to every view, as the reference's `neg_t5_text_embeddings`; a cache without it
+is still valid - a re-run of tools/precompute.py on it adds it). Entries are written atomically; a run skips the ones
+that exist (resumable). Opening a cache whose manifest differs from what the current config would produce is an error
 naming the differing fields, never a silent use of stale latents.
 """
 
@@ -19,6 +22,7 @@ import numpy as np
 from cosmos_jax import atomic
 
 MANIFEST = "manifest.json"
+NEGATIVE = "negative_context.npy"
 FORMAT = 1
 
 
@@ -102,6 +106,34 @@ class Cache:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic.write_bytes(self.path(name), buf.getvalue())
+
+    def negative_path(self) -> str:
+        return os.path.join(self.root, NEGATIVE)
+
+    def write_negative(self, context) -> None:
+        """Store the negative prompt's one-view context (512, C) (atomically, float32)."""
+        import io
+
+        arr = np.asarray(context, np.float32)
+        if arr.ndim != 2:
+            raise ValueError(f"negative-prompt context of shape {arr.shape}: want one view (512, C)")
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        atomic.write_bytes(self.negative_path(), buf.getvalue())
+
+    def read_negative(self) -> np.ndarray | None:
+        """The negative prompt's one-view context (512, C) float32, or None when the cache has none (older caches)."""
+        path = self.negative_path()
+        if not os.path.isfile(path):
+            return None
+        try:
+            arr = np.load(path)
+        except Exception as e:
+            raise CacheError(f"{path}: damaged negative-prompt context ({e}); delete it and re-run "
+                             "tools/precompute.py on this cache") from e
+        if arr.ndim != 2:
+            raise CacheError(f"{path}: negative-prompt context of shape {arr.shape}, want (512, C)")
+        return arr
 
     def read(self, name: str) -> dict:
         path = self.path(name)
@@ -190,8 +222,6 @@ def entry_arrays(latents: np.ndarray, sample: dict, *, n_views: int, embedder=No
                  dit_cfg=None) -> dict:
     """Cache arrays from the latents of a sample's views then control views (2 * n_views, t, h, w, 16) and its
     metadata (`layout.load_sample` or `layout.sample_info`: view_indices_selection, fps, ai_caption)."""
-    import jax.numpy as jnp
-
     from cosmos_jax.text import embed as text_embed
 
     lat = np.asarray(latents)
@@ -200,10 +230,33 @@ def entry_arrays(latents: np.ndarray, sample: dict, *, n_views: int, embedder=No
            "fps": np.asarray(sample["fps"], np.float32)}
     if embedder is not None:
         context = text_embed.assemble_views(embedder(list(sample["ai_caption"])))
-        if proj_params is not None:
-            context = np.asarray(text_embed.project_context(proj_params, jnp.asarray(context)[None], dit_cfg)[0])
-        out["context"] = np.asarray(context, np.float32)
+        out["context"] = project(context, proj_params, dit_cfg)
     return out
+
+
+def project(context, proj_params=None, dit_cfg=None) -> np.ndarray:
+    """A (tokens, raw width) context as the cache stores it: float32, projected by the DiT's crossattn_proj
+    `proj_params` when given (else raw)."""
+    import jax.numpy as jnp
+
+    from cosmos_jax.text import embed as text_embed
+
+    if proj_params is not None:
+        context = np.asarray(text_embed.project_context(proj_params, jnp.asarray(context)[None], dit_cfg)[0])
+    return np.asarray(context, np.float32)
+
+
+def negative_context(embedder, proj_params=None, dit_cfg=None) -> np.ndarray:
+    """The built-in negative prompt embedded once as ONE view (512, C), projected like `entry_arrays`' context when
+    `proj_params` are given. The reference's training batch repeats it to every view (`tile_views`)."""
+    from cosmos_jax.text import embed as text_embed
+
+    return project(embedder([text_embed.NEGATIVE_PROMPT])[0], proj_params, dit_cfg)
+
+
+def tile_views(context: np.ndarray, n_views: int) -> np.ndarray:
+    """One view's context (512, C) -> the same on every view (n_views * 512, C), views in order."""
+    return np.tile(np.asarray(context), (int(n_views), 1))
 
 
 _ENCODERS: dict = {}

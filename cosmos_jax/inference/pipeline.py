@@ -478,9 +478,11 @@ def sample_during_training(model_state: dict, config, batch: dict, step: int, ou
     model_state: the training state's "model" item {"trainable", "frozen", optional "ema"}. batch: the trainer's
     step batch (x0, latent_control [B, 16, V*T, h, w], context [B, V*512, raw or projected], view_indices
     [B, V*T]; host or device arrays). The first `conditional_latent_frames` latent frames of every view come from
-    x0. The unconditional branch uses `uncond_context` (e.g. a projected negative-prompt context) or, by default,
-    the context of a dropped caption (the projection of zeros) that training's CFG dropout teaches. Every process
-    must call it (the DiT runs on the mesh); process 0 writes.
+    x0. The unconditional branch uses `uncond_context` ([V*512, C] or [1, V*512, C], raw or projected - raw ones are
+    projected like the batch context; the trainer passes the built-in negative prompt on every view, as the
+    reference's `neg_t5_text_embeddings`) or, by default, the context of a dropped caption (the projection of
+    zeros) that training's CFG dropout teaches. Every process must call it (the DiT runs on the mesh); process 0
+    writes.
     """
     dit_cfg = build.dit_config_from(config.model)
     mesh = build.mesh_from(config.mesh) if mesh is None else mesh
@@ -499,6 +501,15 @@ def sample_during_training(model_state: dict, config, batch: dict, step: int, ou
         if uncond_context is None:  # a dropped caption: the projection of zeros, the same for every token
             uncond_context = jnp.broadcast_to(text_embed.dropped_context(frozen["crossattn_proj"], dit_cfg, 1),
                                               context.shape)
+        else:  # e.g. the negative prompt on every view: raw or projected, [V*512, C] or [1, V*512, C]
+            uncond = np.asarray(jax.device_get(uncond_context))
+            uncond = uncond[None] if uncond.ndim == 2 else uncond[:1]
+            if uncond.ndim != 3 or uncond.shape[1] != context.shape[1]:
+                raise ValueError(f"uncond_context of shape {np.shape(uncond_context)}: want [{context.shape[1]}, C] "
+                                 f"or [1, {context.shape[1]}, C] (the batch context's {context.shape[1]} tokens)")
+            uncond_context = jnp.asarray(uncond, dit_cfg.dtype)
+            if not text_embed.context_is_projected(uncond_context.shape[-1], dit_cfg):
+                uncond_context = _projector(dit_cfg)(frozen["crossattn_proj"], uncond_context)
         context, uncond_context = np.asarray(context), np.asarray(uncond_context)
     k = min(int(conditional_latent_frames), dit_cfg.state_t)
     mask = condition_mask([k] * n_views, dit_cfg.state_t, h, w)

@@ -6,10 +6,12 @@ r"""Encode a dataset once: VAE latents of every video and control view, and per-
     python tools/precompute.py --dataset assets/multiview_hdmap_posttrain_dataset --cache /tmp/cache64 --tiny \
         --height 64 --width 96 --frames 5                                              # the same in seconds
 
-Resumable (existing entries are skipped), progress bar, the VAE batch split over all local devices. `--tiny`: a
-random width-8 VAE and no text (a smoke run; at the default 720x1280 about 14 min per sample on 2 CPU cores, peak
-RSS ~3.8 GB). The cache records what made it; training refuses a cache made by other weights or settings
-(cosmos_jax/data/cache.py).
+Resumable (existing entries are skipped), progress bar, the VAE batch split over all local devices. With text, the
+built-in negative prompt's one-view context is (re)written too (`negative_context.npy`, raw or projected like the
+entries; the training samples' unconditional branch), also when every entry already exists: re-running on a cache
+made before that file existed adds it. `--tiny`: a random width-8 VAE and no text (a smoke run; at the default
+720x1280 about 14 min per sample on 2 CPU cores, peak RSS ~3.8 GB). The cache records what made it; training
+refuses a cache made by other weights or settings (cosmos_jax/data/cache.py).
 
 Memory is bounded by one view: the views of a sample are decoded, resized and encoded one at a time (one per local
 device per step), never all 2 x 7 views of 29 frames at 720p at once. Every cache entry is written atomically, so a
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
     cache = cache_lib.Cache(args.cache, expected, create=True)
     todo = [s for s in samples if not cache.has(s.name)]
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already cached, {jax.device_count()} devices")
+    if embedder is not None:  # the training hook's unconditional branch (also added to caches made without it)
+        cache.write_negative(cache_lib.negative_context(embedder, proj, dit_cfg))
+        print(f"negative-prompt context -> {cache.negative_path()}")
     n_views = len(spec.cameras)
     for files in tqdm(todo, desc="precompute", unit="sample"):
         info = layout.sample_info(files, spec)

@@ -22,6 +22,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cosmos_jax import atomic, build
+from cosmos_jax.data import cache as cache_lib
 from cosmos_jax.data import layout, pipeline
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.ops import attention as attn_ops
@@ -144,10 +145,17 @@ class OnlineEncoder:
                               f"crossattn_proj takes model.crossattn_proj_in_channels="
                               f"{dit_cfg.crossattn_proj_in_channels}")
         self.dit_cfg, self.n_views = dit_cfg, n_views
+        self._negative = None
+
+    def negative_context(self) -> np.ndarray:
+        """The built-in negative prompt's ONE-view context (512, crossattn_emb_channels), embedded and projected
+        like the samples' contexts; computed on first use (only when samples are generated) and kept."""
+        if self._negative is None:
+            with jax.set_mesh(self.local_mesh):
+                self._negative = cache_lib.negative_context(self.embedder, self.proj_params, self.dit_cfg)
+        return self._negative
 
     def __call__(self, raw: dict) -> dict[str, np.ndarray]:
-        from cosmos_jax.data import cache as cache_lib
-
         with jax.set_mesh(self.local_mesh):  # this process's devices only, whatever the training mesh spans
             entries = [cache_lib.encode_entry(s, vae_params=self.vae_params, vae_cfg=self.vae_cfg,
                                               n_views=self.n_views, embedder=self.embedder,
@@ -163,8 +171,6 @@ def _cached_encoder(raw: dict) -> dict[str, np.ndarray]:
 def open_cache(config, spec: layout.SampleSpec):
     """The offline cache of data.cache_dir, checked against this run: same sample spec, and text contexts projected
     by the weights this run starts from (or raw)."""
-    from cosmos_jax.data import cache as cache_lib
-
     root = config.data.cache_dir
     path = os.path.join(root, cache_lib.MANIFEST)
     if not os.path.isfile(path):
@@ -187,8 +193,6 @@ def open_cache(config, spec: layout.SampleSpec):
 
 def make_source(config, spec: layout.SampleSpec):
     """The Grain source of the configured data path: cached entries, or raw samples (encoded by OnlineEncoder)."""
-    from cosmos_jax.data import cache as cache_lib
-
     if config.data.cache_dir:
         cache = open_cache(config, spec)
         if config.data.dataset_dir:
@@ -374,6 +378,25 @@ def train(config, *, stop_after: int | None = None) -> dict:
                 window.clear()
 
         held_out = None
+        # the samples' unconditional branch: the built-in negative prompt on every view (the reference's
+        # neg_t5_text_embeddings); from the cache's negative_context.npy, or embedded by the online encoder
+        cached_negative = None
+        if config.trainer.sample_iter and config.data.cache_dir:
+            cached_negative = source.cache.read_negative()
+            if cached_negative is None and is_main:
+                print(f"data.cache_dir={config.data.cache_dir} has no negative-prompt context "
+                      f"({cache_lib.NEGATIVE}): the samples' unconditional branch uses a dropped caption; re-run "
+                      "tools/precompute.py with the same flags on this cache to add it")
+
+        def uncond_context(sample: dict) -> np.ndarray | None:
+            negative = encode.negative_context() if isinstance(encode, OnlineEncoder) else cached_negative
+            if negative is None:
+                return None
+            n_tokens = sample["context"].shape[1]
+            if n_tokens % negative.shape[0]:
+                raise ConfigError(f"the negative-prompt context has {negative.shape[0]} tokens, the samples' "
+                                  f"contexts {n_tokens} (not a whole number of views)")
+            return cache_lib.tile_views(negative, n_tokens // negative.shape[0])
 
         def generate_samples(n: int, sample: dict) -> None:
             # the reference's every_n_sample_reg / _ema callbacks (35 steps, guidance 7), on the run's mesh
@@ -381,7 +404,8 @@ def train(config, *, stop_after: int | None = None) -> dict:
 
             frames = infer_pipeline.sample_during_training(state["model"], config, sample, n,
                                                            os.path.join(jd, "samples"), mesh=mesh,
-                                                           num_steps=config.trainer.sample_steps)
+                                                           num_steps=config.trainer.sample_steps,
+                                                           uncond_context=uncond_context(sample))
             for tag, video in frames.items():
                 logger.write_image(n, f"samples/{tag}", video[0])
 
