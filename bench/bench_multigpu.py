@@ -49,7 +49,7 @@ def child(args) -> None:
     import numpy as np
     from flax import linen as nn
 
-    from bench.common import emit
+    from bench.common import emit, time_steps
     from configs import transfer2_auto_multiview as cfg_file
     from cosmos_jax import build
     from cosmos_jax.models import dit as dit_lib
@@ -106,13 +106,7 @@ def child(args) -> None:
                                       for op in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")}
             state, m = compiled(state, batch)
             jax.block_until_ready(m)
-            times = []
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                state, m = compiled(state, batch)
-                jax.block_until_ready(m)
-                times.append(time.perf_counter() - t0)
-            times.sort()
+            state, m, times = time_steps(compiled, state, batch, args.iters)
             row["step_s"] = times[len(times) // 2]
             row["s_per_sample"] = row["step_s"] / batch_size
             row["loss"] = float(m["loss"])

@@ -68,7 +68,7 @@ def setup(views: int, remat: str, attention: str, height: int = 90, width: int =
 def child(args) -> None:
     import jax
 
-    from bench.common import emit
+    from bench.common import emit, time_steps
 
     backend, _, flag = args.attention.partition("+")  # "fa3+nofix": without the backend's compiler options
     step_fn, state, batch, flops, row = setup(args.views, args.remat, backend, args.height, args.width,
@@ -86,13 +86,7 @@ def child(args) -> None:
         jax.block_until_ready(m)
         row["first_step_s"] = time.perf_counter() - t0
         row["first_loss"] = float(m["loss"])
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-        times.sort()
+        state, m, times = time_steps(compiled, state, batch, args.iters)
         row["step_s"] = times[len(times) // 2]
         row["step_times_s"] = times
         row["loss"] = float(m["loss"])

@@ -21,6 +21,17 @@ def timeit(fn, *args, warmup=1, iters=3):
     return statistics.median(times)
 
 
+def time_steps(step, state, batch, iters: int):
+    """Run a compiled train step `iters` times, each timed to completion: (state, last metrics, sorted seconds)."""
+    times, metrics = [], None
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return state, metrics, sorted(times)
+
+
 def matmul_rate(n=8192, chain=16):
     """bf16 FLOP/s of `chain` dependent n^3 matmuls in one jit call (no per-call dispatch in the timing)."""
     ka, kb = jax.random.split(jax.random.key(0))
