@@ -28,3 +28,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with temporary_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def save_npy(path: str | os.PathLike, array) -> None:
+    """`np.save` of one array to `path` (no `.npy` appended), atomically."""
+    import numpy as np
+
+    with temporary_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)

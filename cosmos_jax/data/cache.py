@@ -112,14 +112,10 @@ class Cache:
 
     def write_negative(self, context) -> None:
         """Store the negative prompt's one-view context (512, C) (atomically, float32)."""
-        import io
-
         arr = np.asarray(context, np.float32)
         if arr.ndim != 2:
             raise ValueError(f"negative-prompt context of shape {arr.shape}: want one view (512, C)")
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        atomic.write_bytes(self.negative_path(), buf.getvalue())
+        atomic.save_npy(self.negative_path(), arr)
 
     def read_negative(self) -> np.ndarray | None:
         """The negative prompt's one-view context (512, C) float32, or None when the cache has none (older caches)."""

@@ -49,11 +49,6 @@ def control_path(out_dir: str, camera: str, name: str) -> str:
     return os.path.join(out_dir, CONTROL_FOLDER, f"ftheta_{camera}", f"{name}.mp4")
 
 
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    with atomic.temporary_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
-
-
 def preview_tile(clip: np.ndarray) -> np.ndarray:
     """One camera's frames at preview-tile size (antialiased resize)."""
     return video.resize(clip, PREVIEW_TILE)
@@ -101,7 +96,7 @@ def _render_and_write(job: Job, scene, cam: str, name: str, times: np.ndarray, s
     if job.raw:
         raw_path = os.path.join(job.out_dir, "raw", f"{cam}.npy")
         os.makedirs(os.path.dirname(raw_path), exist_ok=True)
-        save_npy_atomic(raw_path, clip)
+        atomic.save_npy(raw_path, clip)
         out["raw"] = raw_path
     return out
 
