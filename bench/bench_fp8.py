@@ -163,24 +163,34 @@ def main():
             if len(res) > 1:
                 row["rel_err_grad"] = max(rel(a, r) for a, r in zip(res[1:], target[1:]))
 
-        for b in ("cudnn", "fa3"):  # fwd + bwd through the product's op
-            row = {"S": s, "H": h, "mode": "fwd+bwd", "backend": b}
+        def attempt(mode, backend, body):
+            """One row: body(row) -> (fn, fn_args, flops, outputs of fn's result); fn is run, checked and timed."""
+            row = {"S": s, "H": h, "mode": mode, "backend": backend}
             try:
-                def loss(q, k, v, b=b):
-                    o = attn.local_attention(q, k, v, backend=b, site="self_attn")
-                    return jnp.sum(o.astype(jnp.float32) * ct.astype(jnp.float32)), o
-                f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-                (_, o), g = f(q, k, v)
-                record(row, [np.asarray(x, np.float32) for x in (o, *g)],
-                       timeit(f, q, k, v, iters=args.iters), 3.5 * fwd_flops, "fwd+bwd")
+                fn, fn_args, flops, outputs = body(row)
+                res = [np.asarray(x, np.float32) for x in outputs(fn(*fn_args))]
+                record(row, res, timeit(fn, *fn_args, iters=args.iters), flops, mode)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-        row = {"S": s, "H": h, "mode": "fwd+bwd", "backend": "cudnn_fp8"}
-        try:
-            run = jax.jit(cudnn_fp8_fn(d))
+        def product_op(b, grad):  # the net's attention op, fwd + bwd or forward only
+            def body(row):
+                if not grad:
+                    f = jax.jit(lambda q, k, v: attn.local_attention(q, k, v, backend=b, site="self_attn"))
+                    return f, (q, k, v), fwd_flops, lambda o: [o]
+
+                def loss(q, k, v):
+                    o = attn.local_attention(q, k, v, backend=b, site="self_attn")
+                    return jnp.sum(o.astype(jnp.float32) * ct.astype(jnp.float32)), o
+                f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+                return f, (q, k, v), 3.5 * fwd_flops, lambda r: [r[0][1], *r[1]]
+            return body
+
+        run = jax.jit(cudnn_fp8_fn(d))
+
+        def cudnn_fp8_delayed(row):
             # first call: q/k/v/do from their amax; o bounded by v's amax; probabilities <= 1; dP by Cauchy-Schwarz;
             # dq/dk/dv from the bf16 gradients' amax (what delayed scaling converges to)
             gref = base["fwd+bwd"][1]
@@ -200,36 +210,21 @@ def main():
             # the first H200 run)
             second = first.at[jnp.array([4, 7, 8, 9, 6])].set(
                 jnp.stack([scale_from_amax(amaxes[i]) for i in (1, 2, 3, 4, 5)]))
-            o, dq, dk, dv, _ = run(q, k, v, ct, second)
-            record(row, [np.asarray(x, np.float32) for x in (o, dq, dk, dv)],
-                   timeit(run, q, k, v, ct, second, iters=args.iters), 3.5 * fwd_flops, "fwd+bwd")
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
 
-        row = {"S": s, "H": h, "mode": "fwd+bwd", "backend": "cudnn_fp8_unit"}
-        try:
-            o, dq, dk, dv, _ = run(q, k, v, ct, jnp.ones((10,), jnp.float32))
-            record(row, [np.asarray(x, np.float32) for x in (o, dq, dk, dv)],
-                   timeit(run, q, k, v, ct, jnp.ones((10,), jnp.float32), iters=args.iters), 3.5 * fwd_flops,
-                   "fwd+bwd")
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        def cudnn_fp8_unit(row):
+            return run, (q, k, v, ct, jnp.ones((10,), jnp.float32)), 3.5 * fwd_flops, lambda r: r[:4]
 
-        for b in ("cudnn", "fa3", "fa3_fp8"):  # forward only (inference)
-            row = {"S": s, "H": h, "mode": "fwd", "backend": b}
-            try:
-                f = jax.jit(fa3_fp8_forward if b == "fa3_fp8" else
-                            lambda q, k, v, b=b: attn.local_attention(q, k, v, backend=b, site="self_attn"))
-                o = f(q, k, v)
-                record(row, [np.asarray(o, np.float32)], timeit(f, q, k, v, iters=args.iters), fwd_flops, "fwd")
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        def fa3_fp8_fwd(row):
+            return jax.jit(fa3_fp8_forward), (q, k, v), fwd_flops, lambda o: [o]
+
+        for b in ("cudnn", "fa3"):
+            attempt("fwd+bwd", b, product_op(b, grad=True))
+        attempt("fwd+bwd", "cudnn_fp8", cudnn_fp8_delayed)
+        attempt("fwd+bwd", "cudnn_fp8_unit", cudnn_fp8_unit)
+        for b in ("cudnn", "fa3"):
+            attempt("fwd", b, product_op(b, grad=False))
+        attempt("fwd", "fa3_fp8", fa3_fp8_fwd)
 
     with open(os.path.join(args.out, "bench_fp8.jsonl"), "a") as fh:
         for r in rows:

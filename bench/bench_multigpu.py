@@ -50,6 +50,7 @@ def child(args) -> None:
     from flax import linen as nn
 
     from bench.common import emit, time_steps
+    from bench.profile_step import count_ops, profile_once
     from configs import transfer2_auto_multiview as cfg_file
     from cosmos_jax import build
     from cosmos_jax.models import dit as dit_lib
@@ -102,8 +103,7 @@ def child(args) -> None:
             compiled = step_fn.lower(state, batch).compile()
             row["compile_s"] = time.perf_counter() - t0
             hlo = compiled.as_text()
-            row["hlo_collectives"] = {op: len(re.findall(rf"[\s)]{op}(?:-start)?\(", hlo))
-                                      for op in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")}
+            row["hlo_collectives"] = count_ops(hlo, ("all-to-all", "all-gather", "reduce-scatter", "all-reduce"))
             state, m = compiled(state, batch)
             jax.block_until_ready(m)
             state, m, times = time_steps(compiled, state, batch, args.iters)
@@ -114,17 +114,7 @@ def child(args) -> None:
             row["peak_gib_max"] = max(peaks) / 2 ** 30
             row["tflops_per_device"] = row["model_tflop_per_step"] / row["step_s"] / n
             if args.profile:
-                import glob
-                import tempfile
-
-                from bench.profile_step import summarise
-
-                log_dir = tempfile.mkdtemp(prefix="prof_")
-                with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-                    state, m = compiled(state, batch)
-                    jax.block_until_ready(m)
-                traces = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-                prof = summarise(traces[0]) if traces else {"error": "no perfetto trace written"}
+                state, prof = profile_once(compiled, state, batch)
                 row["by_kind_s"] = prof.get("by_kind_s")
                 busy = sum((prof.get("by_kind_s") or {}).values())
                 if busy:

@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -81,18 +80,33 @@ def summarise(trace_path: str) -> dict:
             "event_args_example": sorted((kernels[0].get("args") or {}).keys())}
 
 
+def count_ops(hlo: str, ops) -> dict:
+    """How many instructions of each op (its async `-start` form included) an optimised HLO text holds; matches
+    array- and tuple-typed results alike."""
+    return {op: len(re.findall(rf"[\s)]{op}(?:-start)?\(", hlo)) for op in ops}
+
+
 def hlo_counts(hlo: str) -> dict:
     """Counts in the optimised HLO that tell backends apart: custom-call targets, copies, transposes."""
     targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
-    return {"custom_calls": dict(targets), "copy": len(re.findall(r"= \S+ copy\(", hlo)),
-            "transpose": len(re.findall(r"= \S+ transpose\(", hlo))}
+    return {"custom_calls": dict(targets), **count_ops(hlo, ("copy", "transpose"))}
+
+
+def profile_once(compiled, state, batch):
+    """Run the compiled step once under `jax.profiler.trace`: (state, `summarise` of its perfetto trace)."""
+    import jax
+
+    log_dir = tempfile.mkdtemp(prefix="prof_")
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+    traces = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    return state, (summarise(traces[0]) if traces else {"error": "no perfetto trace written"})
 
 
 def child(args) -> None:
-    import jax
-
     from bench.bench_train import setup
-    from bench.common import emit
+    from bench.common import emit, time_steps
 
     step_fn, state, batch, flops, row = setup(args.views, args.remat, args.attention)
     compiled = step_fn.lower(state, batch).compile()
@@ -100,19 +114,9 @@ def child(args) -> None:
     row.update(hlo_counts(hlo))
     with gzip.open(os.path.join(args.out, f"hlo_{args.views}v_{args.attention}.txt.gz"), "wt") as fh:
         fh.write(hlo)
-    for _ in range(2):
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    row["step_s"] = time.perf_counter() - t0
-    log_dir = tempfile.mkdtemp(prefix="prof_")
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-    traces = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    row["profile"] = summarise(traces[0]) if traces else {"error": "no perfetto trace written"}
+    state, _, _ = time_steps(compiled, state, batch, 2)  # warm-up
+    state, _, (row["step_s"],) = time_steps(compiled, state, batch, 1)
+    state, row["profile"] = profile_once(compiled, state, batch)
     with open(os.path.join(args.out, f"profile_{args.views}v_{args.attention}.json"), "w") as fh:
         json.dump(row, fh, indent=1)
     emit({k: v for k, v in row.items() if k != "profile"} | {"by_kind_s": row["profile"].get("by_kind_s"),
