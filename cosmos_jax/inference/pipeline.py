@@ -37,6 +37,7 @@ from cosmos_jax.diffusion import sampling
 from cosmos_jax.inference import spec as spec_lib
 from cosmos_jax.models import dit as dit_lib, wan_vae
 from cosmos_jax.models.dit_config import DiTConfig
+from cosmos_jax.ops import attention as attn_ops
 from cosmos_jax.parallel import mesh as mesh_lib
 from cosmos_jax.text import embed as text_embed
 
@@ -158,7 +159,8 @@ def _sampler(dit_cfg: DiTConfig, mesh: Mesh, num_steps: int, two_branches: bool,
         return sampling.sample(velocity_fn, noise, num_steps=num_steps, shift=SHIFT, guidance=guidance, gt=gt,
                                condition_mask=mask, cache=cache)
 
-    return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(run, out_shardings=NamedSharding(mesh, P()),
+                   compiler_options=attn_ops.compiler_options(dit_cfg.attention_backend))
 
 
 @functools.lru_cache(maxsize=None)
