@@ -11,8 +11,9 @@ Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-n
            step; the first call's own errors are in the JSON row) |
            cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
            scale plumbing here from a wrong kernel) |
-           fp8fwd_fa3bwd (cuDNN fp8 forward with current scaling, FA3's bf16 backward from its softmax stats)
-  fwd      cudnn | fa3 | cudnn_fp8 (forward with current scaling only: the inference form, no state) |
+           fp8 (the product's backend, ops/attention.py: cuDNN fp8 forward with per-call power-of-two scales,
+           FA3's bf16 backward from its softmax statistics)
+  fwd      cudnn | fa3 | fp8 (the same backend's forward: what inference runs) |
            fa3_fp8 (the flash-attn3-jax wheel's FFI target called with e4m3 q, k, v and descales)
 Errors are relative L2 norms of the output and the worst of dq, dk, dv: against an fp32 XLA reference where S is
 small enough (4,096), else against the cudnn bf16 row. FLOPs: forward 4*S^2*H*D, backward 2.5x forward.
@@ -116,35 +117,6 @@ def cudnn_fp8_fn(d: int):
     return run
 
 
-def cudnn_fp8_forward(q, k, v, is_training=False):
-    """Forward only, nothing carried between calls: q, k, v per-tensor current scaling; probabilities at 448 (their
-    unnormalised flash form peaks at 1); o at 448 / amax(v) (a convex combination of v's rows never exceeds it).
-    -> (bf16 out[, softmax stats])."""
-    import jax.numpy as jnp
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    def one(x):
-        return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
-
-    sq, sk, sv = (scale_from_amax(amax(x)) for x in (q, k, v))
-    ss, so = jnp.float32(E4M3_MAX), sv
-    res = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
-        quantize(q, sq), quantize(k, sk), quantize(v, sv), one(1 / sq), one(1 / sk), one(1 / sv), one(1 / ss),
-        one(ss), one(so), scale=1.0 / math.sqrt(q.shape[-1]), use_causal_mask=False,
-        layout=fa.AttentionLayout.BTNH.value, is_training=is_training)
-    out = dequantize(res[0], 1 / so)
-    return (out, res[3]) if is_training else out
-
-
-def fp8_fwd_fa3_bwd(q, k, v, do):
-    """fp8 forward (cudnn_fp8_forward) whose softmax stats feed FA3's bf16 backward: dP never leaves bf16/fp32."""
-    from cosmos_jax.ops import attention as attn
-
-    out, stats = cudnn_fp8_forward(q, k, v, is_training=True)
-    dq, dk, dv = attn._fa3_backward(do, q, k, v, out, stats, 1.0 / math.sqrt(q.shape[-1]))
-    return out, dq, dk, dv
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x16,28800x16,57600x16", help="comma list of SxH")
@@ -246,12 +218,6 @@ def main():
         def cudnn_fp8_unit(row):
             return run, (q, k, v, ct, jnp.ones((10,), jnp.float32)), 3.5 * fwd_flops, lambda r: r[:4]
 
-        def cudnn_fp8_fwd(row):
-            return jax.jit(cudnn_fp8_forward), (q, k, v), fwd_flops, lambda o: [o]
-
-        def hybrid(row):
-            return jax.jit(fp8_fwd_fa3_bwd), (q, k, v, ct), 3.5 * fwd_flops, lambda r: r
-
         def fa3_fp8_fwd(row):
             return jax.jit(fa3_fp8_forward), (q, k, v), fwd_flops, lambda o: [o]
 
@@ -259,10 +225,10 @@ def main():
             attempt("fwd+bwd", b, product_op(b, grad=True))
         attempt("fwd+bwd", "cudnn_fp8", cudnn_fp8_delayed)
         attempt("fwd+bwd", "cudnn_fp8_unit", cudnn_fp8_unit)
-        attempt("fwd+bwd", "fp8fwd_fa3bwd", hybrid)
+        attempt("fwd+bwd", "fp8", product_op("fp8", grad=True))
         for b in ("cudnn", "fa3"):
             attempt("fwd", b, product_op(b, grad=False))
-        attempt("fwd", "cudnn_fp8", cudnn_fp8_fwd)
+        attempt("fwd", "fp8", product_op("fp8", grad=False))
         attempt("fwd", "fa3_fp8", fa3_fp8_fwd)
 
     with open(os.path.join(args.out, "bench_fp8.jsonl"), "a") as fh:

@@ -21,6 +21,7 @@ bf16 matmul measured in the same run. Each row runs in its own process so its pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -79,9 +80,9 @@ def child(args) -> None:
             gt[:, :1] = vae.encode(inputs)
             return lat, gt
 
-        def sample(lat, gt, steps, cache=None):
+        def sample(lat, gt, steps, cache=None, dit_cfg=None):
             return pipe_lib.sample_latent(
-                params, cfg, mesh, noise=sampling.initial_noise(0, (1, 16, v * t, h, w)),
+                params, dit_cfg or cfg, mesh, noise=sampling.initial_noise(0, (1, 16, v * t, h, w)),
                 gt=pipe_lib.views_to_dit(gt), mask=pipe_lib.condition_mask(k, t, h, w), ctx_cond=ctx[0],
                 ctx_uncond=ctx[1], control=pipe_lib.views_to_dit(lat),
                 view_ids=np.repeat(np.arange(v, dtype=np.int32), t)[None], control_weight=1.0, guidance=7.0,
@@ -140,6 +141,21 @@ def child(args) -> None:
                 frames = decode(sample(lat, gt, STEPS))
                 write(frames, d)
                 row["e2e_measured_s"] = time.perf_counter() - t0
+            if args.reference_attention and args.reference_attention != args.attention:
+                # the same 35-step sample (same seed, same weights) with another attention backend: its time and
+                # the distance between the two outputs
+                ref_cfg = dataclasses.replace(cfg, attention_backend=build.dit_config_from(
+                    _with_backend(config.model, args.reference_attention)).attention_backend)
+                sample(lat, gt, STEPS, dit_cfg=ref_cfg)  # compile
+                t0 = time.perf_counter()
+                ref_frames = decode(sample(lat, gt, STEPS, dit_cfg=ref_cfg))
+                row["reference_attention"] = args.reference_attention
+                row["reference_sample_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                frames = decode(sample(lat, gt, STEPS))
+                row["this_sample_s"] = time.perf_counter() - t0
+                row["vs_reference_psnr_db"] = psnr(frames, ref_frames)
+                row["vs_reference_ssim"] = ssim(frames, ref_frames)
             if args.cache > 0:  # the same 35-step sample with the step cache: time and distance to the exact one
                 cache = sampling.StepCache(threshold=args.cache)
                 sample(lat, gt, STEPS, cache)  # compile
@@ -155,6 +171,13 @@ def child(args) -> None:
     except Exception as e:  # OOM etc.: report and let the parent go on
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     emit(row)
+
+
+def _with_backend(model_cfg, backend: str):
+    model_cfg = model_cfg.copy_and_resolve_references()
+    model_cfg.unlock()
+    model_cfg.attention_backend = backend
+    return model_cfg
 
 
 def psnr(a, b) -> float:
@@ -199,7 +222,7 @@ def parent(args) -> None:
             argv = ["--child", "--views", str(v), "--steps", str(args.steps), "--attention", backend,
                     "--variant", args.variant]
             if v in e2e:
-                argv += ["--e2e", "--cache", str(args.cache)]
+                argv += ["--e2e", "--cache", str(args.cache), "--reference_attention", args.reference_attention]
             for r in run_isolated(__file__, argv, f"{v} views {backend}", out):
                 if "step_s" in r:
                     r["x_matmul"] = r["model_tflops"] * 1e12 / mm
@@ -208,6 +231,11 @@ def parent(args) -> None:
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     for r in rows:
+        if "vs_reference_psnr_db" in r:
+            print(f"{r['views']} views, 35 steps + decode: {r['attention']} {r['this_sample_s']:.1f} s vs "
+                  f"{r['reference_attention']} {r['reference_sample_s']:.1f} s "
+                  f"({r['reference_sample_s'] / r['this_sample_s']:.3f}x); PSNR {r['vs_reference_psnr_db']:.2f} dB, "
+                  f"SSIM {r['vs_reference_ssim']:.4f} against the {r['reference_attention']} sample (same seed)")
         if "cache_sample_s" in r:
             print(f"{r['views']} views, step cache {r['cache_threshold']}: 35 steps + decode in "
                   f"{r['cache_sample_s']:.1f} s vs {r['exact_sample_s']:.1f} s exact "
@@ -235,6 +263,8 @@ def main():
                     "per view count; rows carry x_<first backend>, their step rate against the first one's")
     ap.add_argument("--cache", type=float, default=0.0, help="also run the e2e views' 35-step sample with the "
                     "step cache at this threshold (sampling.StepCache): its time, PSNR and SSIM against the exact one")
+    ap.add_argument("--reference_attention", default="", help="e2e views: also run the 35-step sample with this "
+                    "backend (same seed and weights): its time, and PSNR/SSIM of this backend's output against it")
     ap.add_argument("--variant", default="post_train_example", help="config variant (tiny: a CPU smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_infer.jsonl")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -25,10 +25,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 NOMINAL = 785e12
 
 
-def setup(views: int, remat: str, attention: str, height: int = 90, width: int = 160, fix: bool = True):
+def setup(views: int, remat: str, attention: str, height: int = 90, width: int = 160, fix: bool = True,
+          seed: int = 0, overrides=None):
     """The trainer's jitted step on the real 2B config, its state and one synthetic batch:
     (step_fn, state, batch, model FLOPs per step, row with the shape fields). `fix=False` compiles without the
-    backend's compiler options (ops.attention.compiler_options), to measure what they buy."""
+    backend's compiler options (ops.attention.compiler_options), to measure what they buy. `seed`: the state's
+    rng seed (noise, timesteps, dropout; the weights always come from key 0); `overrides(config)` edits the config
+    before anything is built."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -44,6 +47,8 @@ def setup(views: int, remat: str, attention: str, height: int = 90, width: int =
     config.unlock()
     config.model.remat_policy = remat
     config.model.attention_backend = attention
+    if overrides is not None:
+        overrides(config)
     cfg = build.dit_config_from(config.model)
     step_cfg = step_lib.step_config_from(config)
     optimizer = step_lib.optimizer_from(config)
@@ -59,7 +64,7 @@ def setup(views: int, remat: str, attention: str, height: int = 90, width: int =
              "view_indices": jnp.repeat(jnp.arange(v, dtype=jnp.int32), t)[None]}
     print(f"[child] building state ({v} views, {remat}, {attention})", flush=True)
     state = jax.jit(lambda: step_lib.init_state(nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(0))), cfg,
-                                                step_cfg, optimizer, 0))()
+                                                step_cfg, optimizer, seed))()
     step_fn = jax.jit(step_lib.make_train_step(cfg, step_cfg, optimizer), donate_argnums=0,
                       compiler_options=attn_ops.compiler_options(cfg.attention_backend) if fix else None)
     return step_fn, state, batch, flops, row

@@ -13,6 +13,8 @@ Blocks are stacked and run with `nn.scan` (parameters carry a leading layer axis
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -364,9 +366,12 @@ def random_inputs(cfg: DiTConfig, key, *, batch: int = 1, n_views: int = 1, heig
 def init_boxed_params(cfg: DiTConfig, rng) -> dict:
     """Freshly initialised parameters, still boxed with their logical axis names (for sharding).
 
-    Traced without activation sharding: the dummy inputs (one sample, one view) need not split over the mesh."""
+    Traced without activation sharding: the dummy inputs (one sample, one view) need not split over the mesh, and
+    with the xla attention backend: the parameters do not depend on it, and the dummy inputs' lengths need not suit
+    a kernel (fp8 takes multiples of 64 only)."""
     with unsharded_activations():
-        return MultiViewControlDiT(cfg).init(rng, **example_inputs(cfg))["params"]
+        model = MultiViewControlDiT(dataclasses.replace(cfg, attention_backend="xla"))
+        return model.init(rng, **example_inputs(cfg))["params"]
 
 
 def abstract_params(cfg: DiTConfig):

@@ -18,8 +18,16 @@ Backends
          the wheel's own lowering under-sizes them for some lengths), and a jitted program that uses the backend
          must be compiled with `compiler_options("fa3")` (the trainer does), else XLA duplicates every forward
          whose output a scanned gradient saves.
+  fp8    (opt-in, Hopper) self-attention forward in fp8 through cuDNN's fp8 flash attention (JAX's primitive), with
+         per-tensor current scaling: power-of-two scales from each call's amax of q, k, v (`fp8_scale`), o scaled
+         from amax(v) (a softmax average never exceeds it), the probabilities at 256. Its softmax statistics feed
+         FA3's bf16 backward, so training gradients never pass through fp8 (no scaling state is carried between
+         steps). The cross-attention (512 text keys, ~1 % of the FLOPs) stays bf16 (fa3 where installed, else
+         cudnn). Why not cuDNN's fp8 backward as well: through JAX 0.11.2 its gradients were wrong under every
+         scale setting probed on an H200, the true amaxes included (relative error >= 0.36; bench/probes/).
+         The forward's output error is ~6 % (the e4m3 output), against 0.2 % for bf16.
   auto   (config value only, resolved by `resolve_backend`) fa3 where it is installed and the GPU is Hopper, else
-         cudnn on GPUs, else xla.
+         cudnn on GPUs, else xla. fp8 is never chosen automatically.
 
 The DiT's ops take video-shaped tensors q [B, T, S, H, D] (T = latent frames of all views, S = tokens of a frame),
 laid out as the activations are (`mesh.video_axes`: the context axis splits T, or S when it does not divide T), so
@@ -48,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from cosmos_jax.parallel import mesh as mesh_lib
 
 CUDNN_SEQ_MULTIPLE = 64
-BACKENDS = ("xla", "cudnn", "fa3")
+BACKENDS = ("xla", "cudnn", "fa3", "fp8")
 FA3_HEAD_DIMS = (128,)  # the head dims the published flash-attn3-jax wheels are built for (SM90)
 
 
@@ -188,6 +196,103 @@ def _flash_bwd(site, kernels, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# fp8 forward (cuDNN) + bf16 backward (FA3)
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_PROBS_SCALE = 256.0  # the probabilities' scale: their flash form exp(s - row max) peaks at 1 (2**8 <= 448)
+# Headroom (powers of two) below 448 per input. v: on an H200 the output error doubled (5.8 % -> 11 %) with v scaled
+# to the top of the range (448 / amax) and did not change from 1/4 up to 64 / amax (bench/probes/fp8_scales.py).
+FP8_MARGIN = {"q": 0, "k": 0, "v": 2, "o": 0}
+
+
+def fp8_scale(amax, margin: int = 0):
+    """The power-of-two scale s with amax * s <= 448 / 2**margin (as large as that allows; cuDNN's advice: powers of
+    two rescale exactly); 1 where amax is 0 or not finite. f32 scalar."""
+    a = jnp.asarray(amax, jnp.float32)
+    ok = jnp.isfinite(a) & (a > 0)
+    _, e = jnp.frexp(FP8_MAX / jnp.where(ok, a, 1.0))  # 448 / a = f * 2**e, f in [0.5, 1): floor(log2) = e - 1
+    return jnp.where(ok, jnp.ldexp(jnp.float32(1.0), e - 1 - margin), 1.0)
+
+
+def fp8_quantize(x, scale):
+    """float8_e4m3fn(x * scale), saturating at +-448 (a plain cast would give NaN beyond it)."""
+    return jnp.clip(x.astype(jnp.float32) * scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _amax(x):
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def fp8_input_scales(q, k, v):
+    """(scale q, scale k, scale v, scale o) of one call: current scaling from each tensor's amax."""
+    amax_v = _amax(v)
+    return (fp8_scale(_amax(q), FP8_MARGIN["q"]), fp8_scale(_amax(k), FP8_MARGIN["k"]),
+            fp8_scale(amax_v, FP8_MARGIN["v"]), fp8_scale(amax_v, FP8_MARGIN["o"]))
+
+
+def _cudnn_fp8_forward(q, k, v, scale):
+    """cuDNN's fp8 flash-attention forward -> (out in q's dtype, softmax log-sum-exp f32 [B, H, S])."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # JAX has no public fp8 attention with statistics
+
+    def one(x):
+        return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
+
+    sq, sk, sv, so = fp8_input_scales(q, k, v)
+    ss = jnp.float32(FP8_PROBS_SCALE)
+    o8, _, _, stats = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
+        fp8_quantize(q, sq), fp8_quantize(k, sk), fp8_quantize(v, sv), one(1 / sq), one(1 / sk), one(1 / sv),
+        one(1 / ss), one(ss), one(so), scale=float(scale), use_causal_mask=False,
+        layout=fa.AttentionLayout.BTNH.value, is_training=True)
+    return (o8.astype(jnp.float32) / so).astype(q.dtype), stats.reshape(q.shape[0], q.shape[2], q.shape[1])
+
+
+def _fp8_backward(do, q, k, v, o, lse, scale):
+    fa3_kernels()  # registers the wheel's FFI targets; a clear error where it is not installed
+    return _fa3_backward(do, q, k, v, o, lse, scale)
+
+
+def fp8_kernels() -> Kernels:
+    """The fp8 backend's kernel pair: cuDNN fp8 forward, FA3 bf16 backward from its statistics."""
+    return Kernels(fwd=_cudnn_fp8_forward, bwd=_fp8_backward)
+
+
+def fp8_emulation_kernels() -> Kernels:
+    """The fp8 backend's arithmetic in plain XLA (any device): q, k, v and the output rounded through e4m3 with the
+    same scales, exact attention in between, the exact backward. CPU tests check the scaling against it; it does
+    not model the kernel's own rounding of the probabilities."""
+    exact = xla_kernels()
+
+    def fwd(q, k, v, scale):
+        sq, sk, sv, so = fp8_input_scales(q, k, v)
+        rt = [(fp8_quantize(x, s).astype(jnp.float32) / s).astype(x.dtype) for x, s in ((q, sq), (k, sk), (v, sv))]
+        out, lse = exact.fwd(*rt, scale)
+        return (fp8_quantize(out, so).astype(jnp.float32) / so).astype(q.dtype), lse
+
+    return Kernels(fwd=fwd, bwd=exact.bwd)
+
+
+FP8_SEQ_MULTIPLE = 64
+
+
+def check_fp8_shape(q, k) -> None:
+    check_fa3_shape(q)
+    for name, x in (("query", q), ("key", k)):
+        if x.shape[1] % FP8_SEQ_MULTIPLE:
+            raise AttentionBackendError(
+                f"fp8 attention: {name} length {x.shape[1]} is not a multiple of {FP8_SEQ_MULTIPLE} (cuDNN's fp8 "
+                "attention takes no padding mask); use attention_backend='fa3' for this shape")
+
+
+def fp8_partner() -> str:
+    """The bf16 backend the fp8 backend runs its cross-attention with: fa3 where installed, else cudnn."""
+    try:
+        fa3_kernels()
+        return "fa3"
+    except AttentionBackendError:
+        return "cudnn"
+
+
 def check_fa3_shape(q) -> None:
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise AttentionBackendError(f"fa3 attention needs bf16/fp16 inputs, got {q.dtype}; use "
@@ -225,11 +330,12 @@ def resolve_backend(name: str, devices=None) -> str:
         return "cudnn" if gpu else "xla"
     if name not in BACKENDS:
         raise AttentionBackendError(f"attention_backend {name!r}: expected 'auto' or one of {BACKENDS}")
-    if name == "fa3":
+    if name in ("fa3", "fp8"):
         if not (gpu and all(_is_hopper(d) for d in devices)):
             kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
-            raise AttentionBackendError(f"attention_backend 'fa3' needs Hopper GPUs (SM90); this run has {kinds}")
-        fa3_kernels()
+            raise AttentionBackendError(f"attention_backend {name!r} needs Hopper GPUs (SM90); this run has {kinds}")
+        if name == "fa3":
+            fa3_kernels()
     return name
 
 
@@ -242,7 +348,7 @@ def compiler_options(backend: str) -> dict:
     the optimised HLO of the 2B net: 8 forward calls for 4 call sites; profile: 2.75 s of forward kernels vs 1.44 s
     with cuDNN). Switching the rewrite off keeps one call per site.
     """
-    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend == "fa3" else {}
+    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend in ("fa3", "fp8") else {}
 
 
 def _pad_seq(x, length: int):
@@ -254,13 +360,19 @@ def _pad_seq(x, length: int):
 def local_attention(q, k, v, *, backend: str, q_len: int | None = None, kv_len: int | None = None,
                     site: str = "attn"):
     """Attention on one device, q [B, Sq, H, D]. `q_len`/`kv_len`: true lengths when the tail of q / k,v is padding.
-    `site` names the fa3 kernel's saved tensors for remat policies (`self_attn`, `cross_attn`)."""
+    `site` names the fa3/fp8 kernels' saved tensors for remat policies (`self_attn`, `cross_attn`); the fp8 backend
+    runs only `self_attn` in fp8."""
     q_len = q.shape[1] if q_len is None else q_len
     kv_len = k.shape[1] if kv_len is None else kv_len
-    if backend == "fa3":
+    if backend == "fp8" and site != "self_attn":
+        backend = fp8_partner()  # the cross-attention stays bf16
+    if backend in ("fa3", "fp8"):
         if q_len < q.shape[1] or kv_len < k.shape[1]:
-            raise AttentionBackendError("fa3 attention takes unpadded sequences (no q_len / kv_len)")
-        return flash_attention(q, k, v, site=site)
+            raise AttentionBackendError(f"{backend} attention takes unpadded sequences (no q_len / kv_len)")
+        if backend == "fa3":
+            return flash_attention(q, k, v, site=site)
+        check_fp8_shape(q, k)
+        return _flash(q, k, v, site, fp8_kernels())
     if backend == "xla":
         return _xla_attention(q, k, v, kv_len)
     if backend == "cudnn":

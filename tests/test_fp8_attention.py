@@ -1,0 +1,140 @@
+"""The fp8 attention backend on CPU: its scale arithmetic, its rounding of q, k, v and the output (run here through
+the same arithmetic in plain XLA, `fp8_emulation_kernels`), what remat policies keep of it in the net, and where it
+refuses to run.
+
+cuDNN's fp8 kernel itself only runs on Hopper GPUs: bench/bench_fp8.py measures its speed and error there, and
+bench/fp8_loss_curve.py compares training curves.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cosmos_jax.models import dit as dit_lib
+from cosmos_jax.ops import attention as attn
+from tools import parity
+
+
+@pytest.mark.parametrize("amax", [448.0, 447.9, 448.1, 1.0, 0.7, 3.1e-5, 2.5e6, 12.0])
+@pytest.mark.parametrize("margin", [0, 2])
+def test_fp8_scale_is_the_largest_power_of_two_that_fits(amax, margin):
+    s = float(attn.fp8_scale(jnp.float32(amax), margin))
+    e = math.log2(s)
+    assert e == int(e), s  # a power of two: rescaling is exact
+    limit = 448.0 / 2 ** margin
+    assert amax * s <= limit * (1 + 1e-6)
+    assert amax * s * 2 > limit * (1 - 1e-6)  # the next power of two would not fit
+
+
+@pytest.mark.parametrize("amax", [0.0, float("inf"), float("nan")])
+def test_fp8_scale_of_a_degenerate_amax_is_one(amax):
+    assert float(attn.fp8_scale(jnp.float32(amax))) == 1.0
+
+
+def test_fp8_quantize_saturates_instead_of_nan():
+    x = jnp.asarray([1e6, -1e6, 3.0, 0.0], jnp.float32)
+    got = np.asarray(attn.fp8_quantize(x, jnp.float32(1.0)).astype(jnp.float32))
+    np.testing.assert_array_equal(got, [448.0, -448.0, 3.0, 0.0])
+
+
+def _inputs(mag_q, mag_k, mag_v, s=128, h=2, d=16):
+    rng = np.random.default_rng(0)
+    q, k, v, ct = (rng.standard_normal((1, s, h, d)).astype(np.float32) for _ in range(4))
+    return jnp.asarray(q * mag_q), jnp.asarray(k * mag_k), jnp.asarray(v * mag_v), jnp.asarray(ct)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("mags", [(1.0, 1.0, 1.0), (3e3, 1 / 3e3, 2e4), (1e-4, 1e4, 1e-5)])  # logits stay O(1)
+def test_fp8_rounding_stays_within_e4m3_precision_at_any_magnitude(mags):
+    """Per-tensor scaling keeps the e4m3 rounding of q, k, v and the output at a few percent whatever the
+    magnitudes (unscaled, 2e4 saturates at 448 and 1e-5 underflows to 0); the backward is bf16/exact."""
+    q, k, v, ct = _inputs(*mags)
+    kernels = attn.fp8_emulation_kernels()
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
+
+    fp8 = loss(lambda q, k, v: attn.flash_attention(q, k, v, site="self_attn", kernels=kernels))
+    exact = loss(lambda q, k, v: attn.local_attention(q, k, v, backend="xla"))
+    with jax.default_matmul_precision("highest"):
+        o8 = attn.flash_attention(q, k, v, site="self_attn", kernels=kernels)
+        o = attn.local_attention(q, k, v, backend="xla")
+        g8 = jax.grad(fp8, argnums=(0, 1, 2))(q, k, v)
+        g = jax.grad(exact, argnums=(0, 1, 2))(q, k, v)
+    assert _rel(o8, o) < 0.08
+    for a, b in zip(g8, g):
+        assert _rel(a, b) < 0.1
+    # the same rounding without scales is useless at these magnitudes (what the scales are for)
+    if mags != (1.0, 1.0, 1.0):
+        raw = [x.astype(jnp.float8_e4m3fn).astype(jnp.float32) for x in (q, k, v)]
+        with jax.default_matmul_precision("highest"):
+            bad = attn.local_attention(*[jnp.nan_to_num(x, posinf=448.0, neginf=-448.0) for x in raw],
+                                       backend="xla")
+        assert not _rel(bad, o) < 0.08
+
+
+def _fp8_on_cpu(monkeypatch):
+    """The fp8 backend with its kernels replaced by the XLA emulation and its bf16 partner by xla (CPU)."""
+    monkeypatch.setattr(attn, "fp8_kernels", attn.fp8_emulation_kernels)
+    monkeypatch.setattr(attn, "fp8_partner", lambda: "xla")
+    monkeypatch.setattr(attn, "check_fp8_shape", lambda q, k: None)
+
+
+def test_fp8_backend_runs_only_the_self_attention_in_fp8(monkeypatch):
+    _fp8_on_cpu(monkeypatch)
+    q, k, v, _ = _inputs(1.0, 1.0, 1.0)
+    with jax.default_matmul_precision("highest"):
+        cross = attn.local_attention(q, k, v, backend="fp8", site="cross_attn")
+        self_ = attn.local_attention(q, k, v, backend="fp8", site="self_attn")
+        exact = attn.local_attention(q, k, v, backend="xla")
+        emulated = attn.fp8_emulation_kernels().fwd(q, k, v, 1 / math.sqrt(q.shape[-1]))[0]
+    np.testing.assert_allclose(cross, exact, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(self_, emulated, rtol=1e-6, atol=1e-6)
+    assert _rel(self_, exact) > 1e-3  # it did round through fp8
+
+
+def test_fp8_in_the_net_saves_the_kernel_outputs_and_trains_like_bf16(case_a, monkeypatch):
+    """caseA's net on the fp8 backend (emulated): `save_self_attention` saves the named kernel output and
+    log-sum-exp of the self-attention, and the control branch's gradient is within fp8 rounding of xla's."""
+    _fp8_on_cpu(monkeypatch)
+    cfg = parity.load_case_config(str(case_a))
+    params, cfg = parity.load_case_params(str(case_a), cfg)
+    args = parity.load_case_inputs(str(case_a / "inputs.npz"))
+    grads = {}
+    for backend in ("xla", "fp8"):
+        model = dit_lib.MultiViewControlDiT(dataclasses.replace(cfg, attention_backend=backend,
+                                                                remat_policy="save_self_attention"))
+
+        def loss(p):
+            return jnp.mean(model.apply({"params": p}, **args) ** 2)  # noqa: B023
+
+        with jax.default_matmul_precision("highest"):
+            grads[backend] = jax.grad(loss)(params)
+        if backend == "fp8":
+            text = str(jax.make_jaxpr(jax.grad(loss))(params))
+            assert "self_attn_kernel_out" in text and "self_attn_kernel_lse" in text
+    flat = {b: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for b, g in grads.items()}
+    err = _rel(flat["fp8"], flat["xla"])
+    assert 1e-4 < err < 0.1, err
+
+
+def test_fp8_refuses_where_it_cannot_run():
+    q = jnp.zeros((1, 100, 2, 128), jnp.bfloat16)
+    k = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
+    with pytest.raises(attn.AttentionBackendError, match="multiple of 64"):
+        attn.check_fp8_shape(q, k)
+    with pytest.raises(attn.AttentionBackendError, match="head_dim"):
+        attn.check_fp8_shape(jnp.zeros((1, 128, 2, 64), jnp.bfloat16), jnp.zeros((1, 128, 2, 64), jnp.bfloat16))
+    with pytest.raises(attn.AttentionBackendError, match="Hopper"):
+        attn.resolve_backend("fp8", jax.devices("cpu"))
+    with pytest.raises(attn.AttentionBackendError, match="unpadded"):
+        attn.local_attention(k, k, k, backend="fp8", site="self_attn", kv_len=100)
+    assert attn.compiler_options("fp8") == attn.compiler_options("fa3")
