@@ -1,12 +1,12 @@
-"""The benchmark scripts' own logic that runs without a GPU: the multi-GPU layout names and the profile summary
-(GPU kernel time by kind, span and idle time) of a perfetto trace."""
+"""The benchmark scripts' own logic that runs without a GPU: the multi-GPU layout names, the profile summary
+(GPU kernel time by kind, span and idle time) of a perfetto trace, and the fp8 loss-curve comparison."""
 
 import gzip
 import json
 
 import pytest
 
-from bench import bench_multigpu, profile_step
+from bench import bench_multigpu, fp8_loss_curve, profile_step
 
 
 def test_layout_names_map_to_mesh_axes():
@@ -67,3 +67,35 @@ def test_profile_summary_without_gpu_events(tmp_path):
         json.dump({"traceEvents": [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
                                    {"ph": "X", "pid": 1, "ts": 0, "dur": 5, "name": "x"}]}, fh)
     assert "error" in profile_step.summarise(str(path))
+
+
+def test_loss_curve_windows_and_comparison():
+    assert fp8_loss_curve.windows([1.0, 3.0, 5.0, 7.0, 9.0], size=2) == [2.0, 6.0, 9.0]
+    base = {"run": "fa3:0", "losses": [2.0] * 30 + [1.0] * 20}
+    fp8 = {"run": "fp8:0", "losses": [2.0] * 30 + [1.1] * 20}   # windows 2.0, 1.28 (baseline 2.0, 1.2)
+    seed = {"run": "fa3:1", "losses": [2.5] * 25 + [1.0] * 25}  # windows 2.5 (vs 2.0), 1.0
+    failed = {"run": "fp8:1", "error": "OOM"}
+    table, noise = fp8_loss_curve.compare([base, fp8, failed, seed])
+    assert list(table) == ["fa3:0", "fp8:0", "fa3:1"]
+    assert table["fa3:0"][1] == 0.0
+    assert abs(table["fp8:0"][1] - 0.08) < 1e-9
+    assert abs(noise - 0.5) < 1e-9  # the baseline backend's other seed
+    table, noise = fp8_loss_curve.compare([base, fp8])
+    assert noise is None  # no second seed of the baseline: no noise estimate
+    table, _ = fp8_loss_curve.compare([base, dict(base)])
+    assert list(table) == ["fa3:0#0", "fa3:0#1"]  # a repeated run keeps its own row
+
+
+def test_loss_curve_pool_is_the_same_in_every_run_and_shaped_like_the_batch():
+    import numpy as np
+
+    like = {"x0": np.zeros((1, 16, 8, 6, 10)), "context": np.zeros((1, 512, 32)),
+            "view_indices": np.zeros((1, 8), np.int32)}
+    a, b = fp8_loss_curve.synthetic_pool(3, like), fp8_loss_curve.synthetic_pool(3, like)
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        assert x["x0"].shape == like["x0"].shape and x["latent_control"].shape == like["x0"].shape
+        assert x["context"].shape == like["context"].shape
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert not np.array_equal(a[0]["x0"], a[1]["x0"])
