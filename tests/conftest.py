@@ -29,6 +29,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
 
+def random_tiny_network(cfg, seed: int = 0, std: float = 0.05):
+    """(trainable, frozen) parameter trees of `cfg`'s network drawn from N(0, std^2) in numpy (no init jit): tests
+    that need a network of the right shapes, not a particular one."""
+    import jax
+    import numpy as np
+
+    from cosmos_jax import build
+    from cosmos_jax.models import dit as dit_lib
+
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: (std * rng.standard_normal(s.shape)).astype(np.float32),
+                          dit_lib.abstract_params(cfg))
+    return build.split_params(params, cfg)
+
+
 def fixtures_dir() -> pathlib.Path:
     """The reference parity fixtures shipped with the repository (tests/fixtures, see its README)."""
     return FIXTURES

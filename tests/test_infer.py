@@ -14,6 +14,7 @@ from cosmos_jax import build, cli, infer
 from cosmos_jax.data import video
 from cosmos_jax.inference import pipeline, spec as spec_lib
 from cosmos_jax.training import checkpoint as ckpt_lib
+from tests.conftest import random_tiny_network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "assets", "multiview_example")
@@ -237,12 +238,8 @@ def tiny_ckpt(tmp_path_factory):
     that differs from the regular weights)."""
     config = cfg_file.get_config("tiny")
     cfg = build.dit_config_from(config.model)
-    rng = np.random.default_rng(0)
-    from cosmos_jax.models import dit as dit_lib
-
-    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32),
-                          dit_lib.abstract_params(cfg))
-    trainable, frozen = build.split_params(params, cfg)
+    trainable, frozen = random_tiny_network(cfg)
+    rng = np.random.default_rng(1)
     ema = jax.tree.map(lambda a: a + 0.01 * rng.standard_normal(a.shape).astype(np.float32), trainable)
     model = {"trainable": trainable, "frozen": frozen, "ema": ema}
     directory = tmp_path_factory.mktemp("tiny_job") / "checkpoints"

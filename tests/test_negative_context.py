@@ -16,6 +16,7 @@ from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.models.dit_config import DiTConfig
 from cosmos_jax.text import embed as text_embed
 from cosmos_jax.training import trainer
+from tests.conftest import random_tiny_network
 from tests.test_train import tiny
 from tools import make_sample_dataset, precompute
 
@@ -224,10 +225,8 @@ def test_sample_hook_projects_a_raw_uncond_context(tmp_path):
 
     config = cfg_file.get_config("tiny")
     cfg = build.dit_config_from(config.model)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32),
-                          dit_lib.abstract_params(cfg))
-    trainable, frozen = build.split_params(params, cfg)
+    trainable, frozen = random_tiny_network(cfg)
+    rng = np.random.default_rng(1)
     model = {"trainable": trainable, "frozen": frozen}
     batch = {"x0": rng.standard_normal((1, 16, 4, 8, 12)).astype(np.float32),
              "latent_control": rng.standard_normal((1, 16, 4, 8, 12)).astype(np.float32),
