@@ -145,33 +145,29 @@ def child(args) -> None:
                 frames = decode(sample(lat, gt, STEPS))
                 write(frames, d)
                 row["e2e_measured_s"] = time.perf_counter() - t0
-            if args.reference_attention and args.reference_attention != args.attention:
-                # the same 35-step sample (same seed, same weights) with another attention backend: its time and
-                # the distance between the two outputs
-                ref_cfg = dataclasses.replace(cfg, attention_backend=build.dit_config_from(
-                    _with_backend(config.model, args.reference_attention)).attention_backend)
-                sample(lat, gt, STEPS, dit_cfg=ref_cfg)  # compile
+            def against_exact(other_sample):
+                """(seconds, exact seconds, PSNR, SSIM) of another 35-step sample + decode against this backend's
+                exact one (same seed and weights), each compiled outside the timing."""
+                other_sample()
                 t0 = time.perf_counter()
-                ref_frames = decode(sample(lat, gt, STEPS, dit_cfg=ref_cfg))
-                row["reference_attention"] = args.reference_attention
-                row["reference_sample_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                frames = decode(sample(lat, gt, STEPS))
-                row["this_sample_s"] = time.perf_counter() - t0
-                row["vs_reference_psnr_db"] = psnr(frames, ref_frames)
-                row["vs_reference_ssim"] = ssim(frames, ref_frames)
-            if args.cache > 0:  # the same 35-step sample with the step cache: time and distance to the exact one
-                cache = sampling.StepCache(threshold=args.cache)
-                sample(lat, gt, STEPS, cache)  # compile
-                t0 = time.perf_counter()
-                cached = decode(sample(lat, gt, STEPS, cache))
-                row["cache_threshold"] = args.cache
-                row["cache_sample_s"] = time.perf_counter() - t0
+                other = decode(other_sample())
+                other_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 exact = decode(sample(lat, gt, STEPS))
-                row["exact_sample_s"] = time.perf_counter() - t0
-                row["cache_psnr_db"] = psnr(cached, exact)
-                row["cache_ssim"] = ssim(cached, exact)
+                return other_s, time.perf_counter() - t0, psnr(other, exact), ssim(other, exact)
+
+            if args.reference_attention and args.reference_attention != args.attention:
+                # the same sample with another attention backend: its time and the distance between the outputs
+                ref_cfg = dataclasses.replace(cfg, attention_backend=build.dit_config_from(
+                    _with_backend(config.model, args.reference_attention)).attention_backend)
+                row["reference_attention"] = args.reference_attention
+                (row["reference_sample_s"], row["this_sample_s"], row["vs_reference_psnr_db"],
+                 row["vs_reference_ssim"]) = against_exact(lambda: sample(lat, gt, STEPS, dit_cfg=ref_cfg))
+            if args.cache > 0:  # the same sample with the step cache: its time and distance to the exact one
+                cache = sampling.StepCache(threshold=args.cache)
+                row["cache_threshold"] = args.cache
+                (row["cache_sample_s"], row["exact_sample_s"], row["cache_psnr_db"],
+                 row["cache_ssim"]) = against_exact(lambda: sample(lat, gt, STEPS, cache))
     except Exception as e:  # OOM etc.: report and let the parent go on
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     emit(row)
