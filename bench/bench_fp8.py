@@ -8,7 +8,8 @@ Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-n
            cudnn_fp8 (cuDNN's fp8 forward *and* backward through JAX's fp8 primitives, e4m3 everywhere, including
            dO, dP and dQ/dK/dV; per-tensor current scaling of q, k, v, dO; probabilities at 448 (their unnormalised
            flash form peaks at 1); o, dP, dQ/dK/dV from a first call's amax outputs, i.e. delayed scaling after one
-           step; the first call's own errors are in the JSON row) |
+           step; the first call's own errors are in the JSON row; the backward's scale operands placed as XLA
+           reads them, XLA_FP8_BWD_ORDER) | cudnn_fp8_jaxorder (the same, placed as JAX's wrapper passes them) |
            cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
            scale plumbing here from a wrong kernel) |
            fp8 (the product's backend, ops/attention.py: cuDNN fp8 forward with per-call power-of-two scales,
@@ -86,8 +87,27 @@ def fa3_fp8_forward(q, k, v):
     return out
 
 
-def cudnn_fp8_fn(d: int):
-    """(q, k, v, do, scales[12]) -> (out, dq, dk, dv, amaxes[6]) through cuDNN's fp8 attention primitives."""
+# The fp8 backward custom call's scale operands in the order XLA binds them to cuDNN's sdpa_fp8_backward inputs
+# (openxla/xla stream_executor/cuda/cuda_dnn.cc, GetCudnnFlashAttentionBackwardF8OperationGraph: tensor UIDs in
+# creation order; CudnnGraph::PackOperands maps operand i to UID i). JAX 0.10-0.11's wrapper passes
+# descale_o, descale_dO, descale_s at the places of descale_s, descale_o, descale_dO and scale_dQ, dK, dV, dP at
+# those of scale_dP, dQ, dK, dV (fused_attention_stablehlo.py, the fp8 backward lowering), which fits what the
+# H200 probes saw (bench/probes/). order="xla" binds the primitive with its operands placed for XLA's reading.
+XLA_FP8_BWD_ORDER = ("descale_q", "descale_k", "descale_v", "descale_s", "descale_o", "descale_do", "descale_dp",
+                     "scale_s", "scale_dp", "scale_dq", "scale_dk", "scale_dv")
+JAX_FP8_BWD_ORDER = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_do", "descale_s", "descale_dp",
+                     "scale_s", "scale_dq", "scale_dk", "scale_dv", "scale_dp")
+
+
+def fp8_bwd_scale_operands(values: dict, order: str = "xla") -> list:
+    """The backward primitive's 12 scale operands, from {name: value} (names as in XLA_FP8_BWD_ORDER)."""
+    names = {"xla": XLA_FP8_BWD_ORDER, "jax": JAX_FP8_BWD_ORDER}[order]
+    return [values[n] for n in names]
+
+
+def cudnn_fp8_fn(d: int, order: str = "xla"):
+    """(q, k, v, do, scales[10]) -> (out, dq, dk, dv, amaxes[6]) through cuDNN's fp8 attention primitives; `order`:
+    how the backward's scale operands are placed (see XLA_FP8_BWD_ORDER)."""
     import jax.numpy as jnp
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
@@ -106,9 +126,10 @@ def cudnn_fp8_fn(d: int):
             scale=scale, use_causal_mask=False, layout=layout, is_training=True)
         do8 = quantize(do, sdo)
         dq8, dk8, dv8, amax_dq, amax_dk, amax_dv, amax_dp = fa._dot_product_attention_fp8_bwd_p_wrapper.bind(
-            q8, k8, v8, o8, do8, stats,
-            one(1 / sq), one(1 / sk), one(1 / sv), one(1 / so), one(1 / sdo), one(1 / ss), one(1 / sdp),
-            one(ss), one(sdq), one(sdk), one(sdv), one(sdp),
+            q8, k8, v8, o8, do8, stats, *fp8_bwd_scale_operands(dict(
+                descale_q=one(1 / sq), descale_k=one(1 / sk), descale_v=one(1 / sv), descale_s=one(1 / ss),
+                descale_o=one(1 / so), descale_do=one(1 / sdo), descale_dp=one(1 / sdp), scale_s=one(ss),
+                scale_dp=one(sdp), scale_dq=one(sdq), scale_dk=one(sdk), scale_dv=one(sdv)), order),
             scale=scale, use_causal_mask=False, layout=layout)
         deq = [dequantize(x, 1 / sc) for x, sc in ((o8, so), (dq8, sdq), (dk8, sdk), (dv8, sdv))]
         amaxes = jnp.stack([jnp.max(a) for a in (amax_s, amax_o, amax_dq, amax_dk, amax_dv, amax_dp)])
@@ -191,39 +212,42 @@ def main():
                 return f, (q, k, v), 3.5 * fwd_flops, lambda r: [r[0][1], *r[1]]
             return body
 
-        run = jax.jit(cudnn_fp8_fn(d))
+        runs = {order: jax.jit(cudnn_fp8_fn(d, order)) for order in ("xla", "jax")}
 
-        def cudnn_fp8_delayed(row):
-            # first call: q/k/v/do from their amax; o bounded by v's amax; probabilities <= 1; dP by Cauchy-Schwarz;
-            # dq/dk/dv from the bf16 gradients' amax (what delayed scaling converges to)
-            gref = base["fwd+bwd"][1]
-            a = [amax(x) for x in (q, k, v)]
-            norm = lambda x: jnp.max(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))  # noqa: E731
-            first = jnp.stack([scale_from_amax(x) for x in (
-                a[0], a[1], a[2], jnp.float32(1.0), a[2], amax(ct), 2 * norm(ct) * norm(v),
-                *(float(np.abs(x).max()) for x in gref[1:]))])
-            *res1, amaxes = run(q, k, v, ct, first)
-            target = ref if ref is not None else gref
-            row["rel_err_out_first_call"] = rel(res1[0], target[0])
-            row["rel_err_grad_first_call"] = max(rel(x, r) for x, r in zip(res1[1:], target[1:]))
-            row["amax_s_o_dq_dk_dv_dp"] = np.asarray(amaxes).tolist()
-            # second call: o, dq, dk, dv, dP from the first call's amax outputs. The probabilities keep 448: a flash
-            # kernel quantises exp(S - running row max), whose max is 1 in every row, not the normalised P whose
-            # amax the kernel reports (a scale from that amax saturated most of them: relative error 0.6-0.77 in
-            # the first H200 run)
-            second = first.at[jnp.array([4, 7, 8, 9, 6])].set(
-                jnp.stack([scale_from_amax(amaxes[i]) for i in (1, 2, 3, 4, 5)]))
-            return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
+        def cudnn_fp8_delayed(order):
+            def body(row):
+                # first call: q/k/v/do from their amax (v with 2 powers of two of headroom: at the top of e4m3 the
+                # forward's error doubled); o bounded by v's amax; probabilities at 448 (their flash form peaks
+                # at 1); dP by Cauchy-Schwarz; dq/dk/dv from the bf16 gradients' amax (what delayed scaling
+                # converges to)
+                run = runs[order]
+                gref = base["fwd+bwd"][1]
+                a = [amax(x) for x in (q, k, v)]
+                norm = lambda x: jnp.max(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))  # noqa: E731
+                first = jnp.stack([scale_from_amax(x) for x in (
+                    a[0], a[1], 4 * a[2], jnp.float32(1.0), a[2], amax(ct), 2 * norm(ct) * norm(v),
+                    *(float(np.abs(x).max()) for x in gref[1:]))])
+                *res1, amaxes = run(q, k, v, ct, first)
+                target = ref if ref is not None else gref
+                row["rel_err_out_first_call"] = rel(res1[0], target[0])
+                row["rel_err_grad_first_call"] = max(rel(x, r) for x, r in zip(res1[1:], target[1:]))
+                row["amax_s_o_dq_dk_dv_dp"] = np.asarray(amaxes).tolist()
+                # second call: o, dq, dk, dv, dP from the first call's amax outputs (delayed scaling after a step)
+                second = first.at[jnp.array([4, 7, 8, 9, 6])].set(
+                    jnp.stack([scale_from_amax(amaxes[i]) for i in (1, 2, 3, 4, 5)]))
+                return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
+            return body
 
         def cudnn_fp8_unit(row):
-            return run, (q, k, v, ct, jnp.ones((10,), jnp.float32)), 3.5 * fwd_flops, lambda r: r[:4]
+            return runs["xla"], (q, k, v, ct, jnp.ones((10,), jnp.float32)), 3.5 * fwd_flops, lambda r: r[:4]
 
         def fa3_fp8_fwd(row):
             return jax.jit(fa3_fp8_forward), (q, k, v), fwd_flops, lambda o: [o]
 
         for b in ("cudnn", "fa3"):
             attempt("fwd+bwd", b, product_op(b, grad=True))
-        attempt("fwd+bwd", "cudnn_fp8", cudnn_fp8_delayed)
+        attempt("fwd+bwd", "cudnn_fp8", cudnn_fp8_delayed("xla"))
+        attempt("fwd+bwd", "cudnn_fp8_jaxorder", cudnn_fp8_delayed("jax"))
         attempt("fwd+bwd", "cudnn_fp8_unit", cudnn_fp8_unit)
         attempt("fwd+bwd", "fp8", product_op("fp8", grad=True))
         for b in ("cudnn", "fa3"):

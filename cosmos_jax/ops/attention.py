@@ -24,7 +24,9 @@ Backends
          FA3's bf16 backward, so training gradients never pass through fp8 (no scaling state is carried between
          steps). The cross-attention (512 text keys, ~1 % of the FLOPs) stays bf16 (fa3 where installed, else
          cudnn). Why not cuDNN's fp8 backward as well: through JAX 0.11.2 its gradients were wrong under every
-         scale setting probed on an H200, the true amaxes included (relative error >= 0.36; bench/probes/).
+         scale setting probed on an H200, the true amaxes included (relative error >= 0.36; bench/probes/):
+         JAX's wrapper passes its scale operands in an order XLA does not read them in (bench/bench_fp8.py
+         XLA_FP8_BWD_ORDER places them for XLA; not yet run on a GPU).
          The forward's output error is ~6 % (the e4m3 output), against 0.2 % for bf16.
   auto   (config value only, resolved by `resolve_backend`) fa3 where it is installed and the GPU is Hopper, else
          cudnn on GPUs, else xla. fp8 is never chosen automatically.
