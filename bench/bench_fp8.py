@@ -10,7 +10,8 @@ Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-n
            flash form peaks at 1); o, dP, dQ/dK/dV from a first call's amax outputs, i.e. delayed scaling after one
            step; the first call's own errors are in the JSON row; the backward's scale operands placed as XLA
            reads them, XLA_FP8_BWD_ORDER) | cudnn_fp8_jaxorder (the same, placed as JAX's wrapper passes them) |
-           cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
+           cudnn_fp8_pow2 (the same kernels, q/k/v/o scaled as the product's fp8 forward does, power-of-two scales,
+           dP from a Cauchy-Schwarz bound, dq/dk/dv delayed) | cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
            scale plumbing here from a wrong kernel) |
            fp8 (the product's backend, ops/attention.py: cuDNN fp8 forward with per-call power-of-two scales,
            FA3's bf16 backward from its softmax statistics)
@@ -207,8 +208,10 @@ def main():
 
         runs = {order: jax.jit(cudnn_fp8_fn(d, order)) for order in ("xla", "jax")}
 
-        def cudnn_fp8_delayed(order):
+        def cudnn_fp8_delayed(order, pow2=False):
             def body(row):
+                if pow2:  # the product's forward scaling (ops.attention), every other scale a power of two
+                    return pow2_body(row, order)
                 # first call: q/k/v/do from their amax (v with 2 powers of two of headroom: at the top of e4m3 the
                 # forward's error doubled); o bounded by v's amax; probabilities at 448 (their flash form peaks
                 # at 1); dP by Cauchy-Schwarz; dq/dk/dv from the bf16 gradients' amax (what delayed scaling
@@ -231,6 +234,26 @@ def main():
                 return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
             return body
 
+        def pow2_body(row, order):
+            # q, k, v, o as the product's fp8 forward scales them (powers of two, v and o from amax(v) with its
+            # headroom), probabilities at FP8_PROBS_SCALE, dO from its amax, dP from the Cauchy-Schwarz bound
+            # |dP_ij| <= |dO_i| |v_j| (current: no state), dq/dk/dv first from the bf16 gradients' amax, then from
+            # the first call's amax outputs (delayed scaling after one step)
+            run = runs[order]
+            gref = base["fwd+bwd"][1]
+            norm = lambda x: jnp.max(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))  # noqa: E731
+            sq, sk, sv, so = attn.fp8_input_scales(q, k, v)
+            first = jnp.stack([sq, sk, sv, jnp.float32(attn.FP8_PROBS_SCALE), so, attn.fp8_scale(amax(ct)),
+                               attn.fp8_scale(norm(ct) * norm(v)),
+                               *(attn.fp8_scale(float(np.abs(x).max())) for x in gref[1:])])
+            *res1, amaxes = run(q, k, v, ct, first)
+            target = ref if ref is not None else gref
+            row["rel_err_out_first_call"] = rel(res1[0], target[0])
+            row["rel_err_grad_first_call"] = max(rel(x, r) for x, r in zip(res1[1:], target[1:]))
+            row["amax_s_o_dq_dk_dv_dp"] = np.asarray(amaxes).tolist()
+            second = first.at[jnp.array([7, 8, 9])].set(jnp.stack([attn.fp8_scale(amaxes[i]) for i in (2, 3, 4)]))
+            return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
+
         def cudnn_fp8_unit(row):
             return runs["xla"], (q, k, v, ct, jnp.ones((10,), jnp.float32)), 3.5 * fwd_flops, lambda r: r[:4]
 
@@ -240,6 +263,7 @@ def main():
         for b in ("cudnn", "fa3"):
             attempt("fwd+bwd", b, product_op(b, grad=True))
         attempt("fwd+bwd", "cudnn_fp8", cudnn_fp8_delayed("xla"))
+        attempt("fwd+bwd", "cudnn_fp8_pow2", cudnn_fp8_delayed("xla", pow2=True))
         attempt("fwd+bwd", "cudnn_fp8_jaxorder", cudnn_fp8_delayed("jax"))
         attempt("fwd+bwd", "cudnn_fp8_unit", cudnn_fp8_unit)
         attempt("fwd+bwd", "fp8", product_op("fp8", grad=True))

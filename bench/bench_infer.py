@@ -68,7 +68,8 @@ def child(args) -> None:
         params = pipe_lib.place_params(host, cfg, mesh, config.model.weight_dtype)
         del host
         vae_cfg = build.vae_config_from(config.vae)
-        vae = pipe_lib.ViewVAE(vae_cfg, pipe_lib.vae_params(vae_cfg, "", 0), jax.local_devices()[:1])
+        vae = None if args.sampler_only else pipe_lib.ViewVAE(
+            vae_cfg, pipe_lib.vae_params(vae_cfg, "", 0), jax.local_devices()[:1])
 
         rng = np.random.default_rng(0)
         controls = rng.integers(0, 256, (v, n_frames, height, width, 3), dtype=np.uint8)
@@ -103,12 +104,17 @@ def child(args) -> None:
         def write(frames, out_dir):  # [] without PyAV: the timings then leave the mp4 writing out
             return pipe_lib.MultiviewPipeline.write_outputs(spec, frames, out_dir) if has_av else []
 
-        t0 = time.perf_counter()
-        lat, gt = encode()
-        row["encode_compile_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        lat, gt = encode()
-        row["encode_s"] = time.perf_counter() - t0
+        if args.sampler_only:  # latents of the encoder's shape, no VAE
+            lat = rng.standard_normal((v, t, h, w, vae_cfg.z_dim)).astype(np.float32)
+            gt = np.zeros_like(lat)
+            gt[:, :1] = lat[:, :1]
+        else:
+            t0 = time.perf_counter()
+            lat, gt = encode()
+            row["encode_compile_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lat, gt = encode()
+            row["encode_s"] = time.perf_counter() - t0
 
         print(f"[child] {v} views: compiling the {args.steps}-step sampler", flush=True)
         t0 = time.perf_counter()
@@ -122,6 +128,9 @@ def child(args) -> None:
         stats = jax.devices()[0].memory_stats() or {}
         row["peak_gib_sampler"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
 
+        if args.sampler_only:
+            emit(row)
+            return
         t0 = time.perf_counter()
         frames = decode(latent)
         row["decode_compile_s"] = time.perf_counter() - t0
@@ -157,13 +166,14 @@ def child(args) -> None:
                 exact = decode(sample(lat, gt, STEPS))
                 return other_s, time.perf_counter() - t0, psnr(other, exact), ssim(other, exact)
 
-            if args.reference_attention and args.reference_attention != args.attention:
+            row["vs_references"] = []
+            for ref_name in [b for b in args.reference_attention.split(",") if b and b != args.attention]:
                 # the same sample with another attention backend: its time and the distance between the outputs
-                ref_cfg = dataclasses.replace(
-                    cfg, attention_backend=attn_ops.resolve_backend(args.reference_attention))
-                row["reference_attention"] = args.reference_attention
-                (row["reference_sample_s"], row["this_sample_s"], row["vs_reference_psnr_db"],
-                 row["vs_reference_ssim"]) = against_exact(lambda: sample(lat, gt, STEPS, dit_cfg=ref_cfg))
+                # (several: one bf16 backend against another is the noise floor the others are read against)
+                ref_cfg = dataclasses.replace(cfg, attention_backend=attn_ops.resolve_backend(ref_name))
+                ref_s, this_s, p, s = against_exact(lambda: sample(lat, gt, STEPS, dit_cfg=ref_cfg))
+                row["vs_references"].append({"attention": ref_name, "sample_s": ref_s, "this_sample_s": this_s,
+                                             "psnr_db": p, "ssim": s})
             if args.cache > 0:  # the same sample with the step cache: its time and distance to the exact one
                 cache = sampling.StepCache(threshold=args.cache)
                 row["cache_threshold"] = args.cache
@@ -214,7 +224,7 @@ def parent(args) -> None:
     for v in [int(x) for x in args.views.split(",")]:
         for backend in args.attention.split(","):
             argv = ["--child", "--views", str(v), "--steps", str(args.steps), "--attention", backend,
-                    "--variant", args.variant]
+                    "--variant", args.variant] + (["--sampler_only"] if args.sampler_only else [])
             if v in e2e:
                 argv += ["--e2e", "--cache", str(args.cache), "--reference_attention", args.reference_attention]
             for r in run_isolated(__file__, argv, f"{v} views {backend}", out):
@@ -226,11 +236,11 @@ def parent(args) -> None:
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     for r in rows:
-        if "vs_reference_psnr_db" in r:
-            print(f"{r['views']} views, 35 steps + decode: {r['attention']} {r['this_sample_s']:.1f} s vs "
-                  f"{r['reference_attention']} {r['reference_sample_s']:.1f} s "
-                  f"({r['reference_sample_s'] / r['this_sample_s']:.3f}x); PSNR {r['vs_reference_psnr_db']:.2f} dB, "
-                  f"SSIM {r['vs_reference_ssim']:.4f} against the {r['reference_attention']} sample (same seed)")
+        for x in r.get("vs_references", []):
+            print(f"{r['views']} views, 35 steps + decode: {x['attention']} {x['sample_s']:.1f} s vs "
+                  f"{r['attention']} {x['this_sample_s']:.1f} s ({x['this_sample_s'] / x['sample_s']:.3f}x); "
+                  f"PSNR {x['psnr_db']:.2f} dB, SSIM {x['ssim']:.4f} of the {x['attention']} sample against the "
+                  f"{r['attention']} one (same seed)")
         if "cache_sample_s" in r:
             print(f"{r['views']} views, step cache {r['cache_threshold']}: 35 steps + decode in "
                   f"{r['cache_sample_s']:.1f} s vs {r['exact_sample_s']:.1f} s exact "
@@ -242,6 +252,10 @@ def parent(args) -> None:
           f"{'peak GiB':>8} "
           f"{'enc s':>6} {'dec s':>6} {'mp4 s':>6} {'35-step e2e':>11} {'measured':>8}")
     for r in rows:
+        if "step_s" in r and "e2e_35_s" not in r:  # --sampler_only
+            print(f"{r['views']:>5} {r['attention']:>9} {r['tokens']:>7} {r['step_s']:>7.2f} {r['x_first']:>7.3f} "
+                  f"{r['model_tflops']:>8.1f} {r['x_matmul']:>8.3f} {r['peak_gib_sampler']:>8.1f}")
+            continue
         if "e2e_35_s" not in r:
             print(f"{r['views']:>5} {r['attention']:>9} {r['tokens']:>7} {r.get('error', '?')[:90]}")
             continue
@@ -261,8 +275,12 @@ def main():
                     "per view count; rows carry x_first, their step rate against the first one's (first_attention)")
     ap.add_argument("--cache", type=float, default=0.0, help="also run the e2e views' 35-step sample with the "
                     "step cache at this threshold (sampling.StepCache): its time, PSNR and SSIM against the exact one")
-    ap.add_argument("--reference_attention", default="", help="e2e views: also run the 35-step sample with this "
-                    "backend (same seed and weights): its time, and PSNR/SSIM of this backend's output against it")
+    ap.add_argument("--reference_attention", default="", help="e2e views: also run the 35-step sample with each of "
+                    "these backends (comma list; same seed and weights): its time, and PSNR/SSIM of its output "
+                    "against this backend's")
+    ap.add_argument("--sampler_only", action="store_true", help="time the sampler steps only: random latents "
+                    "instead of the VAE encode, no decode or mp4 (the e2e columns stay empty); 7-view rows in a "
+                    "few device minutes")
     ap.add_argument("--variant", default="post_train_example", help="config variant (tiny: a CPU smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_infer.jsonl")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
