@@ -9,12 +9,14 @@ Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-n
            dO, dP and dQ/dK/dV; per-tensor current scaling of q, k, v, dO; probabilities at 448 (their unnormalised
            flash form peaks at 1); o, dP, dQ/dK/dV from a first call's amax outputs, i.e. delayed scaling after one
            step; the first call's own errors are in the JSON row; the backward's scale operands placed as XLA
-           reads them, XLA_FP8_BWD_ORDER) | cudnn_fp8_jaxorder (the same, placed as JAX's wrapper passes them) |
+           reads them, ops.attention.FP8_BWD_SCALE_ORDER) | cudnn_fp8_jaxorder (the same, placed as JAX's wrapper passes them) |
            cudnn_fp8_pow2 (the same kernels, q/k/v/o scaled as the product's fp8 forward does, power-of-two scales,
-           dP from a Cauchy-Schwarz bound, dq/dk/dv delayed) | cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
+           dP from a Cauchy-Schwarz bound in the first call, dP and dq/dk/dv delayed in the timed one) |
+           cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
            scale plumbing here from a wrong kernel) |
            fp8 (the product's backend, ops/attention.py: cuDNN fp8 forward with per-call power-of-two scales,
-           FA3's bf16 backward from its softmax statistics)
+           FA3's bf16 backward from its softmax statistics) | fp8_full (the product's all-fp8 backend: the same
+           forward, cuDNN's fp8 backward with per-call scales from sampled gradient rows and columns)
   fwd      cudnn | fa3 | fp8 (the same backend's forward: what inference runs) |
            fa3_fp8 (the flash-attn3-jax wheel's FFI target called with e4m3 q, k, v and descales)
 Errors are relative L2 norms of the output and the worst of dq, dk, dv: against an fp32 XLA reference where S is
@@ -81,27 +83,17 @@ def fa3_fp8_forward(q, k, v):
     return out
 
 
-# The fp8 backward custom call's scale operands in the order XLA binds them to cuDNN's sdpa_fp8_backward inputs
-# (openxla/xla stream_executor/cuda/cuda_dnn.cc, GetCudnnFlashAttentionBackwardF8OperationGraph: tensor UIDs in
-# creation order; CudnnGraph::PackOperands maps operand i to UID i). JAX 0.10-0.11's wrapper passes
-# descale_o, descale_dO, descale_s at the places of descale_s, descale_o, descale_dO and scale_dQ, dK, dV, dP at
-# those of scale_dP, dQ, dK, dV (fused_attention_stablehlo.py, the fp8 backward lowering), which fits what the
-# H200 probes saw (bench/probes/). order="xla" binds the primitive with its operands placed for XLA's reading.
-XLA_FP8_BWD_ORDER = ("descale_q", "descale_k", "descale_v", "descale_s", "descale_o", "descale_do", "descale_dp",
-                     "scale_s", "scale_dp", "scale_dq", "scale_dk", "scale_dv")
-JAX_FP8_BWD_ORDER = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_do", "descale_s", "descale_dp",
-                     "scale_s", "scale_dq", "scale_dk", "scale_dv", "scale_dp")
-
-
 def fp8_bwd_scale_operands(values: dict, order: str = "xla") -> list:
-    """The backward primitive's 12 scale operands, from {name: value} (names as in XLA_FP8_BWD_ORDER)."""
-    names = {"xla": XLA_FP8_BWD_ORDER, "jax": JAX_FP8_BWD_ORDER}[order]
-    return [values[n] for n in names]
+    """The product's placement (ops.attention.fp8_bwd_scale_operands): order "xla" as XLA reads the operands,
+    "jax" as JAX's primitive names them (its gradients are garbage: the cudnn_fp8_jaxorder row)."""
+    from cosmos_jax.ops.attention import fp8_bwd_scale_operands as place
+
+    return place(values, order)
 
 
 def cudnn_fp8_fn(d: int, order: str = "xla"):
     """(q, k, v, do, scales[10]) -> (out, dq, dk, dv, amaxes[6]) through cuDNN's fp8 attention primitives; `order`:
-    how the backward's scale operands are placed (see XLA_FP8_BWD_ORDER)."""
+    how the backward's scale operands are placed (see ops.attention.FP8_BWD_SCALE_ORDER)."""
     import jax.numpy as jnp
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
@@ -236,9 +228,10 @@ def main():
 
         def pow2_body(row, order):
             # q, k, v, o as the product's fp8 forward scales them (powers of two, v and o from amax(v) with its
-            # headroom), probabilities at FP8_PROBS_SCALE, dO from its amax, dP from the Cauchy-Schwarz bound
-            # |dP_ij| <= |dO_i| |v_j| (current: no state), dq/dk/dv first from the bf16 gradients' amax, then from
-            # the first call's amax outputs (delayed scaling after one step)
+            # headroom), probabilities at FP8_PROBS_SCALE, dO from its amax; first call: dP from the Cauchy-Schwarz
+            # bound |dP_ij| <= |dO_i| |v_j| (current scaling, no state; its errors are the *_first_call fields),
+            # dq/dk/dv from the bf16 gradients' amax; the timed call: dP and dq/dk/dv from the first call's amax
+            # outputs (delayed scaling after one step)
             run = runs[order]
             gref = base["fwd+bwd"][1]
             norm = lambda x: jnp.max(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))  # noqa: E731
@@ -251,7 +244,9 @@ def main():
             row["rel_err_out_first_call"] = rel(res1[0], target[0])
             row["rel_err_grad_first_call"] = max(rel(x, r) for x, r in zip(res1[1:], target[1:]))
             row["amax_s_o_dq_dk_dv_dp"] = np.asarray(amaxes).tolist()
-            second = first.at[jnp.array([7, 8, 9])].set(jnp.stack([attn.fp8_scale(amaxes[i]) for i in (2, 3, 4)]))
+            # second call: dP and dq/dk/dv from the first call's amax outputs (delayed scaling after one step)
+            second = first.at[jnp.array([6, 7, 8, 9])].set(
+                jnp.stack([attn.fp8_scale(amaxes[i]) for i in (5, 2, 3, 4)]))
             return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
 
         def cudnn_fp8_unit(row):
@@ -267,6 +262,7 @@ def main():
         attempt("fwd+bwd", "cudnn_fp8_jaxorder", cudnn_fp8_delayed("jax"))
         attempt("fwd+bwd", "cudnn_fp8_unit", cudnn_fp8_unit)
         attempt("fwd+bwd", "fp8", product_op("fp8", grad=True))
+        attempt("fwd+bwd", "fp8_full", product_op("fp8_full", grad=True))
         for b in ("cudnn", "fa3"):
             attempt("fwd", b, product_op(b, grad=False))
         attempt("fwd", "fp8", product_op("fp8", grad=False))

@@ -48,6 +48,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
     m.attention_backend = "auto"       # auto: fa3 on Hopper with flash-attn3-jax, else cudnn on GPUs, else xla
     #                                    | "fa3" | "cudnn" | "xla" (any device) | "fp8" (Hopper, opt-in:
     #                                    self-attention forward in fp8, bf16 backward; ops/attention.py)
+    #                                    | "fp8_full" (Hopper, opt-in: forward and backward in fp8)
     m.remat_policy = "save_attention"  # none | full | save_attention | save_self_attention | save_dots | ...
     m.weights = ""                     # initial weights: reference .pt / .safetensors, or an Orbax checkpoint of ours
     m.update(kw)

@@ -99,37 +99,3 @@ def test_loss_curve_pool_is_the_same_in_every_run_and_shaped_like_the_batch():
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
     assert not np.array_equal(a[0]["x0"], a[1]["x0"])
-
-
-def test_fp8_backward_scales_reach_the_custom_call_in_xla_order():
-    """bench_fp8 places the fp8 backward's scale operands as XLA binds them to cuDNN (XLA_FP8_BWD_ORDER), which
-    relies on JAX's lowering passing the primitive's operands straight through. Lowered here for CUDA (no GPU
-    needed): each scale a distinct constant, read back from the custom call's operand list."""
-    import re
-
-    import jax
-    import jax.numpy as jnp
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    from bench import bench_fp8
-
-    names = bench_fp8.XLA_FP8_BWD_ORDER
-    code = {name: 100.0 + i for i, name in enumerate(sorted(names))}  # any distinct values
-
-    def f(q):
-        q8 = q.astype(jnp.float8_e4m3fn)
-        stats = jnp.zeros((1, 2, 128), jnp.float32)
-        vals = {n: jnp.full((1, 1, 1, 1), code[n], jnp.float32) for n in names}
-        return fa._dot_product_attention_fp8_bwd_p_wrapper.bind(
-            q8, q8, q8, q8, q8, stats, *bench_fp8.fp8_bwd_scale_operands(vals, "xla"), scale=0.1,
-            use_causal_mask=False, layout=fa.AttentionLayout.BTNH.value)
-
-    text = jax.jit(f).trace(jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)).lower(
-        lowering_platforms=("cuda",)).as_text()
-    call = next(line for line in text.splitlines() if "fmhaSoftmaxBackwardF8" in line and "custom_call" in line)
-    operands = re.search(r"custom_call @[^(]+\(([^)]*)\)", call).group(1).split(", ")
-    consts = {m.group(1): float(m.group(2)) for m in re.finditer(r"(%\w+) = stablehlo.constant dense<([-\d.e+]+)>",
-                                                                   text)}
-    defs = {m.group(1): m.group(2) for m in re.finditer(r"(%\w+) = stablehlo.broadcast_in_dim (%\w+)", text)}
-    got = [consts[defs.get(op, op)] for op in operands[6:]]
-    assert got == [code[n] for n in names]  # custom-call position 6 + j carries XLA's j-th scale

@@ -124,15 +124,17 @@ def test_fa3_backend_under_context_parallelism_equals_single_device(monkeypatch)
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=1e-4)
 
 
-def test_fp8_backend_under_context_parallelism(monkeypatch):
-    """The fp8 backend (its kernels replaced by their XLA emulation) inside the Ulysses shard_map: each device scales
-    its own heads from their own amax, so the result is the single-device xla run within fp8 rounding (not bit-equal
-    to a single-device fp8 run)."""
+@pytest.mark.parametrize("backend", ["fp8", "fp8_full"])
+def test_fp8_backend_under_context_parallelism(monkeypatch, backend):
+    """The fp8 backends (their kernels replaced by their XLA emulation) inside the Ulysses shard_map: each device
+    scales its own heads from their own amax (and fp8_full its gradients from its own sampled rows), so the result
+    is the single-device xla run within fp8 rounding (not bit-equal to a single-device fp8 run)."""
     monkeypatch.setattr(attn_ops, "fp8_kernels", attn_ops.fp8_emulation_kernels)
+    monkeypatch.setattr(attn_ops, "fp8_full_kernels", attn_ops.fp8_full_emulation_kernels)
     monkeypatch.setattr(attn_ops, "fp8_partner", lambda: "xla")
     monkeypatch.setattr(attn_ops, "check_fp8_shape", lambda q, k: None)
     ref = _reference(*S_SPLIT)
-    cfg = dataclasses.replace(CFG, attention_backend="fp8", remat_policy="save_attention")
+    cfg = dataclasses.replace(CFG, attention_backend=backend, remat_policy="save_attention")
     hlo, out = _run(mesh_lib.make_mesh(fsdp=2, context=4), *S_SPLIT, grad=True, cfg=cfg)
     assert "all-to-all" in hlo and "f8e4m3fn" in hlo
 

@@ -84,6 +84,7 @@ def test_fp8_rounding_stays_within_e4m3_precision_at_any_magnitude(mags):
 def _fp8_on_cpu(monkeypatch):
     """The fp8 backend with its kernels replaced by the XLA emulation and its bf16 partner by xla (CPU)."""
     monkeypatch.setattr(attn, "fp8_kernels", attn.fp8_emulation_kernels)
+    monkeypatch.setattr(attn, "fp8_full_kernels", attn.fp8_full_emulation_kernels)
     monkeypatch.setattr(attn, "fp8_partner", lambda: "xla")
     monkeypatch.setattr(attn, "check_fp8_shape", lambda q, k: None)
 
@@ -101,15 +102,16 @@ def test_fp8_backend_runs_only_the_self_attention_in_fp8(monkeypatch):
     assert _rel(self_, exact) > 1e-3  # it did round through fp8
 
 
-def test_fp8_in_the_net_saves_the_kernel_outputs_and_trains_like_bf16(case_a, monkeypatch):
-    """caseA's net on the fp8 backend (emulated): `save_self_attention` saves the named kernel output and
+@pytest.mark.parametrize("fp8_backend", ["fp8", "fp8_full"])
+def test_fp8_in_the_net_saves_the_kernel_outputs_and_trains_like_bf16(case_a, monkeypatch, fp8_backend):
+    """caseA's net on the fp8 backends (emulated): `save_self_attention` saves the named kernel output and
     log-sum-exp of the self-attention, and the control branch's gradient is within fp8 rounding of xla's."""
     _fp8_on_cpu(monkeypatch)
     cfg = parity.load_case_config(str(case_a))
     params, cfg = parity.load_case_params(str(case_a), cfg)
     args = parity.load_case_inputs(str(case_a / "inputs.npz"))
     grads = {}
-    for backend in ("xla", "fp8"):
+    for backend in ("xla", fp8_backend):
         model = dit_lib.MultiViewControlDiT(dataclasses.replace(cfg, attention_backend=backend,
                                                                 remat_policy="save_self_attention"))
 
@@ -118,11 +120,11 @@ def test_fp8_in_the_net_saves_the_kernel_outputs_and_trains_like_bf16(case_a, mo
 
         with jax.default_matmul_precision("highest"):
             grads[backend] = jax.grad(loss)(params)
-        if backend == "fp8":
+        if backend != "xla":
             text = str(jax.make_jaxpr(jax.grad(loss))(params))
             assert "self_attn_kernel_out" in text and "self_attn_kernel_lse" in text
     flat = {b: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for b, g in grads.items()}
-    err = _rel(flat["fp8"], flat["xla"])
+    err = _rel(flat[fp8_backend], flat["xla"])
     assert 1e-4 < err < 0.1, err
 
 
@@ -133,8 +135,105 @@ def test_fp8_refuses_where_it_cannot_run():
         attn.check_fp8_shape(q, k)
     with pytest.raises(attn.AttentionBackendError, match="head_dim"):
         attn.check_fp8_shape(jnp.zeros((1, 128, 2, 64), jnp.bfloat16), jnp.zeros((1, 128, 2, 64), jnp.bfloat16))
-    with pytest.raises(attn.AttentionBackendError, match="Hopper"):
-        attn.resolve_backend("fp8", jax.devices("cpu"))
+    for name in ("fp8", "fp8_full"):
+        with pytest.raises(attn.AttentionBackendError, match="Hopper"):
+            attn.resolve_backend(name, jax.devices("cpu"))
     with pytest.raises(attn.AttentionBackendError, match="unpadded"):
         attn.local_attention(k, k, k, backend="fp8", site="self_attn", kv_len=100)
     assert attn.compiler_options("fp8") == attn.compiler_options("fa3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp8_full: cuDNN's fp8 backward, its scales estimated per call
+
+
+def _dense_backward(do, q, k, v):
+    """Everything of one exact attention backward, written out densely: (dS * scale, dq, dk, dv), o, lse."""
+    f32 = jnp.float32
+    scale = 1 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(f32) * scale
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    p = jax.nn.softmax(logits, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    def loss(q, k, v):
+        return jnp.sum(attn.local_attention(q, k, v, backend="xla") * do)
+
+    dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)  # autodiff of the plain op: not the code under test
+    dp = jnp.einsum("bqhd,bkhd->bhqk", do, v)
+    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale  # rowsum(dO o O) = sum_k P dP
+    return (ds, dq, dk, dv), o, lse, scale
+
+
+@pytest.mark.parametrize("mags", [(1.0, 1.0, 1.0, 1.0), (3e3, 1 / 3e3, 2e4, 1e-4), (1e-4, 1e4, 1e-5, 1e3)])
+def test_fp8_grad_amaxes_are_exact_when_every_row_is_sampled_and_a_lower_bound_otherwise(mags):
+    q, k, v, ct = _inputs(*mags[:3])
+    do = ct * mags[3]
+    with jax.default_matmul_precision("highest"):
+        grads, o, lse, scale = _dense_backward(do, q, k, v)
+        true = np.array([float(jnp.max(jnp.abs(g))) for g in grads])
+        every = np.asarray(attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=q.shape[1]))
+        some = np.asarray(attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=16))
+    np.testing.assert_allclose(every, true, rtol=1e-4)
+    assert np.all(some <= true * (1 + 1e-5)), (some, true)
+    assert np.all(some >= true / 4), (some, true)  # 16 of 128 rows / columns: within the margin's headroom
+
+
+@pytest.mark.parametrize("mags", [(1.0, 1.0, 1.0, 1.0), (3e3, 1 / 3e3, 2e4, 1e-9), (1e-4, 1e4, 1e-5, 1e11)])
+def test_fp8_full_backward_stays_within_e4m3_precision_at_any_magnitude(mags):
+    """Emulated fp8 backward (q, k, v, o, dO, probabilities, dS and dq/dk/dv through e4m3 with the chosen scales):
+    gradients within ~10 % of exact whatever the magnitudes; dS itself, unscaled, would be lost to e4m3."""
+    q, k, v, ct = _inputs(*mags[:3])
+    do = ct * mags[3]
+    kernels = attn.fp8_full_emulation_kernels()
+    with jax.default_matmul_precision("highest"):
+        (ds, *exact), o, lse, scale = _dense_backward(do, q, k, v)
+        got = kernels.bwd(do, q, k, v, o, lse, scale)
+        flat = jax.grad(lambda q, k, v: jnp.sum(attn.flash_attention(q, k, v, site="self_attn",
+                                                                      kernels=kernels) * do),
+                        argnums=(0, 1, 2))(q, k, v)  # the same backward through the custom_vjp
+    for a, b in zip(got, exact):
+        assert _rel(a, b) < 0.12
+    for a, b in zip(flat, exact):
+        assert _rel(a, b) < 0.15  # plus the forward's e4m3 output in the saved residual
+    if mags[3] != 1.0:  # what the dS scale is for: plain e4m3 loses dS (|dS| ~ |v| |dO|: 2e-5 underflows, 1e6
+        # saturates)
+        raw = jnp.clip(ds, -448, 448).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+        assert _rel(raw, ds) > 0.3
+
+
+def test_fp8_full_backward_binds_each_scale_where_xla_reads_it(monkeypatch):
+    """The product's fp8 backward, lowered for CUDA (no GPU needed) with distinct scales: custom-call operand 6 + j
+    carries FP8_BWD_SCALE_ORDER[j] (descale_* = 1 / scale), i.e. XLA's order, not the one JAX's primitive names."""
+    import re
+
+    names = ("q", "k", "v", "o", "s", "do", "dp", "dq", "dk", "dv")
+    scales = {n: 2.0 ** (i + 1) for i, n in enumerate(names)}
+    monkeypatch.setattr(attn, "fp8_backward_scales", lambda *a: scales)
+    x = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((1, 2, 128), jnp.float32)
+    text = jax.jit(lambda do, q, k, v, o, lse: attn._cudnn_fp8_backward(do, q, k, v, o, lse, 0.1)).trace(
+        x, x, x, x, x, lse).lower(lowering_platforms=("cuda",)).as_text()
+    call = next(line for line in text.splitlines() if "fmhaSoftmaxBackwardF8" in line and "custom_call" in line)
+    operands = re.search(r"custom_call @[^(]+\(([^)]*)\)", call).group(1).split(", ")
+    consts = {m.group(1): float(m.group(2)) for m in re.finditer(r"(%\w+) = stablehlo.constant dense<([-\d.e+]+)>",
+                                                                   text)}
+    defs = {m.group(1): m.group(2)
+            for m in re.finditer(r"(%\w+) = stablehlo.(?:broadcast_in_dim|reshape|convert) (%\w+)", text)}
+
+    def value(op):
+        while op not in consts:
+            op = defs[op]
+        return consts[op]
+
+    want = [1 / scales[n[8:]] if n.startswith("descale_") else scales[n[6:]] for n in attn.FP8_BWD_SCALE_ORDER]
+    assert [value(op) for op in operands[6:]] == want
+    assert attn.FP8_BWD_SCALE_ORDER != attn.JAX_FP8_BWD_SCALE_ORDER
+
+
+def test_fp8_full_refuses_an_unchecked_jax():
+    attn.check_fp8_backward_jax("0.11.2")
+    attn.check_fp8_backward_jax("0.10.2")
+    with pytest.raises(attn.AttentionBackendError, match="0.12.0"):
+        attn.check_fp8_backward_jax("0.12.0")
+    assert attn.compiler_options("fp8_full") == attn.compiler_options("fa3")

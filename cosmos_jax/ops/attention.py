@@ -23,13 +23,16 @@ Backends
          from amax(v) (a softmax average never exceeds it), the probabilities at 256. Its softmax statistics feed
          FA3's bf16 backward, so training gradients never pass through fp8 (no scaling state is carried between
          steps). The cross-attention (512 text keys, ~1 % of the FLOPs) stays bf16 (fa3 where installed, else
-         cudnn). Why not cuDNN's fp8 backward as well: through JAX 0.11.2 its gradients were wrong under every
-         scale setting probed on an H200, the true amaxes included (relative error >= 0.36; bench/probes/):
-         JAX's wrapper passes its scale operands in an order XLA does not read them in (bench/bench_fp8.py
-         XLA_FP8_BWD_ORDER places them for XLA; not yet run on a GPU).
-         The forward's output error is ~6 % (the e4m3 output), against 0.2 % for bf16.
+         cudnn).
+  fp8_full  (opt-in, Hopper, JAX 0.10-0.11) the same fp8 forward and cuDNN's fp8 backward (JAX's primitive, its
+         scale operands placed as XLA reads them: JAX's own order gives garbage gradients, FP8_BWD_SCALE_ORDER).
+         Stateless too: q, k, v, o re-quantised as the forward had them, dO from its amax, dS and dq/dk/dv from
+         exact gradients of 128 strided query rows and key columns with two powers of two of headroom
+         (`fp8_grad_amaxes`). On an H200 the fp8 backward with delayed scales (the amaxes of a first call) ran
+         1.25-1.29x cuDNN bf16 fwd+bwd at 7e-2 gradient error (fp8: 1.14-1.20x at 9e-3).
+         The forward's output error is ~5 % (the e4m3 output), against 0.2 % for bf16.
   auto   (config value only, resolved by `resolve_backend`) fa3 where it is installed and the GPU is Hopper, else
-         cudnn on GPUs, else xla. fp8 is never chosen automatically.
+         cudnn on GPUs, else xla. fp8 and fp8_full are never chosen automatically.
 
 The DiT's ops take video-shaped tensors q [B, T, S, H, D] (T = latent frames of all views, S = tokens of a frame),
 laid out as the activations are (`mesh.video_axes`: the context axis splits T, or S when it does not divide T), so
@@ -58,7 +61,7 @@ from jax.sharding import PartitionSpec as P
 from cosmos_jax.parallel import mesh as mesh_lib
 
 CUDNN_SEQ_MULTIPLE = 64
-BACKENDS = ("xla", "cudnn", "fa3", "fp8")
+BACKENDS = ("xla", "cudnn", "fa3", "fp8", "fp8_full")
 FA3_HEAD_DIMS = (128,)  # the head dims the published flash-attn3-jax wheels are built for (SM90)
 
 
@@ -259,6 +262,105 @@ def fp8_kernels() -> Kernels:
     return Kernels(fwd=_cudnn_fp8_forward, bwd=_fp8_backward)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# fp8 backward (cuDNN), the fp8_full backend
+
+# The fp8 backward custom call's 12 scale operands in the order XLA binds them to cuDNN's sdpa_fp8_backward inputs
+# (openxla/xla stream_executor/cuda/cuda_dnn.cc, GetCudnnFlashAttentionBackwardF8OperationGraph: tensor UIDs in
+# creation order, operand i -> UID i). JAX 0.10-0.11's primitive names them in another order
+# (JAX_FP8_BWD_SCALE_ORDER: descale o, dO, s in the places of descale s, o, dO and scale dQ, dK, dV, dP in those of
+# scale dP, dQ, dK, dV) and passes them straight through, so binding it in JAX's own order gives garbage
+# gradients (seen on an H200: relative error 1.0; in XLA's order 7e-2, bench/bench_fp8.py). The primitive is bound
+# here with each value at the place XLA reads it from; FP8_BWD_JAX_VERSIONS are the JAX versions this was checked
+# against (a later JAX may fix its order, which would silently swap scales again: resolve_backend refuses others).
+FP8_BWD_SCALE_ORDER = ("descale_q", "descale_k", "descale_v", "descale_s", "descale_o", "descale_do", "descale_dp",
+                       "scale_s", "scale_dp", "scale_dq", "scale_dk", "scale_dv")
+JAX_FP8_BWD_SCALE_ORDER = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_do", "descale_s",
+                           "descale_dp", "scale_s", "scale_dq", "scale_dk", "scale_dv", "scale_dp")
+FP8_BWD_JAX_VERSIONS = ("0.10.", "0.11.")
+# Gradient scales are estimated per call from exact gradients of FP8_GRAD_SAMPLES strided query rows and key
+# columns (about 1.6 * samples / S of the backward's FLOPs), with FP8_GRAD_MARGIN powers of two of headroom for
+# the rows and columns not sampled; values above the scaled range saturate at +-448.
+FP8_GRAD_SAMPLES = 128
+FP8_GRAD_MARGIN = 2
+
+
+def fp8_bwd_scale_operands(values: dict, order: str = "xla") -> list:
+    """The fp8 backward primitive's 12 scale operands from {name: value} (names as in FP8_BWD_SCALE_ORDER), placed
+    as XLA reads them (order="xla", what the product binds) or as JAX's primitive names them ("jax": the wrong
+    gradients, kept for the bench)."""
+    return [values[n] for n in {"xla": FP8_BWD_SCALE_ORDER, "jax": JAX_FP8_BWD_SCALE_ORDER}[order]]
+
+
+def _strided(n_total: int, n: int):
+    import numpy as np
+
+    return np.unique((np.arange(min(n, n_total)) * n_total) // min(n, n_total))
+
+
+def fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples: int = FP8_GRAD_SAMPLES):
+    """Estimated amax of (dS * scale, dq, dk, dv) of one attention backward, dS = P o (dP - rowsum(dO o O)) (what
+    cuDNN's fp8 backward scales with its "dP" scale: its amax output matched amax(dS * scale) on an H200): exact
+    dq and dS rows for `samples` strided queries, exact dk, dv and dS columns for `samples` strided keys, from the
+    forward's log-sum-exp. One head at a time (lax.map), so the extra memory is samples x S per head. f32 [4]."""
+    f32 = jnp.float32
+    rows, cols = _strided(q.shape[1], samples), _strided(k.shape[1], samples)
+
+    def head(x):  # one head: [B, S, D] each, lse [B, S]
+        qh, kh, vh, doh, oh, lseh = (y.astype(f32) for y in x)
+        delta = jnp.sum(doh * oh, axis=-1)  # [B, Sq]
+        # sampled queries: their dS rows and dq
+        p = jnp.exp(jnp.einsum("bqd,bkd->bqk", qh[:, rows], kh) * scale - lseh[:, rows, None])
+        ds_r = p * (jnp.einsum("bqd,bkd->bqk", doh[:, rows], vh) - delta[:, rows, None]) * scale
+        dq = jnp.einsum("bqk,bkd->bqd", ds_r, kh)
+        # sampled keys: their dS columns, dk and dv
+        p = jnp.exp(jnp.einsum("bqd,bkd->bqk", qh, kh[:, cols]) * scale - lseh[..., None])
+        ds_c = p * (jnp.einsum("bqd,bkd->bqk", doh, vh[:, cols]) - delta[..., None]) * scale
+        dk = jnp.einsum("bqk,bqd->bkd", ds_c, qh)
+        dv = jnp.einsum("bqk,bqd->bkd", p, doh)
+        return jnp.stack([jnp.maximum(_amax(ds_r), _amax(ds_c)), _amax(dq), _amax(dk), _amax(dv)])
+
+    per_head = jax.lax.map(head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, do, o)) + (jnp.moveaxis(lse, 1, 0),))
+    return jnp.max(per_head, axis=0)
+
+
+def fp8_backward_scales(do, q, k, v, o, lse, scale) -> dict:
+    """Scales of one fp8 backward call: q, k, v, o and the probabilities as the forward had them (so the fp8 values
+    are the forward's), dO from its amax, dS and dq/dk/dv from `fp8_grad_amaxes` with FP8_GRAD_MARGIN. Names as in
+    FP8_BWD_SCALE_ORDER (scale_*: x * scale -> fp8)."""
+    sq, sk, sv, so = fp8_input_scales(q, k, v)
+    a_dp, a_dq, a_dk, a_dv = (fp8_grad_amaxes(do, q, k, v, o, lse, scale)[i] for i in range(4))
+    m = FP8_GRAD_MARGIN
+    return {"q": sq, "k": sk, "v": sv, "o": so, "s": jnp.float32(FP8_PROBS_SCALE), "do": fp8_scale(_amax(do)),
+            "dp": fp8_scale(a_dp, m), "dq": fp8_scale(a_dq, m), "dk": fp8_scale(a_dk, m), "dv": fp8_scale(a_dv, m)}
+
+
+def _cudnn_fp8_backward(do, q, k, v, o, lse, scale):
+    """cuDNN's fp8 flash-attention backward (JAX's primitive, its scale operands placed for XLA) -> bf16 dq, dk, dv.
+    q, k, v, o are re-quantised with the forward's power-of-two scales, which reproduces the forward's fp8 values
+    exactly; the forward's log-sum-exp is the kernel's softmax statistics."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    def one(x):
+        return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
+
+    sc = fp8_backward_scales(do, q, k, v, o, lse, scale)
+    x8 = {n: fp8_quantize(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do))}
+    values = {f"descale_{n}": one(1 / sc[n]) for n in ("q", "k", "v", "s", "o", "do", "dp")}
+    values.update({f"scale_{n}": one(sc[n]) for n in ("s", "dp", "dq", "dk", "dv")})
+    dq8, dk8, dv8, *_ = fa._dot_product_attention_fp8_bwd_p_wrapper.bind(
+        x8["q"], x8["k"], x8["v"], x8["o"], x8["do"], lse.astype(jnp.float32),
+        *fp8_bwd_scale_operands(values, "xla"), scale=float(scale), use_causal_mask=False,
+        layout=fa.AttentionLayout.BTNH.value)
+    return tuple((g.astype(jnp.float32) / sc[n]).astype(x.dtype)
+                 for g, n, x in ((dq8, "dq", q), (dk8, "dk", k), (dv8, "dv", v)))
+
+
+def fp8_full_kernels() -> Kernels:
+    """The fp8_full backend's kernel pair: cuDNN fp8 forward and fp8 backward."""
+    return Kernels(fwd=_cudnn_fp8_forward, bwd=_cudnn_fp8_backward)
+
+
 def fp8_emulation_kernels() -> Kernels:
     """The fp8 backend's arithmetic in plain XLA (any device): q, k, v and the output rounded through e4m3 with the
     same scales, exact attention in between, the exact backward. CPU tests check the scaling against it; it does
@@ -272,6 +374,29 @@ def fp8_emulation_kernels() -> Kernels:
         return (fp8_quantize(out, so).astype(jnp.float32) / so).astype(q.dtype), lse
 
     return Kernels(fwd=fwd, bwd=exact.bwd)
+
+
+def fp8_full_emulation_kernels() -> Kernels:
+    """The fp8_full backend's arithmetic in plain XLA: the fp8 forward's emulation, and a backward that rounds
+    through e4m3 where cuDNN's fp8 backward holds fp8 tensors (q, k, v, o, dO, the probabilities, dS, and its dq,
+    dk, dv outputs) with the scales `fp8_backward_scales` picks. CPU tests check the scaling against it."""
+    f32 = jnp.float32
+
+    def rt(x, s):  # through e4m3 and back
+        return fp8_quantize(x, s).astype(f32) / s
+
+    def bwd(do, q, k, v, o, lse, scale):
+        sc = fp8_backward_scales(do, q, k, v, o, lse, scale)
+        q8, k8, v8, o8, do8 = (rt(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do)))
+        p = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", q8, k8) * scale - lse[..., None])
+        dv = jnp.einsum("bhqk,bqhd->bkhd", rt(p, sc["s"]), do8)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do8, v8)
+        ds = rt(p * (dp - jnp.einsum("bqhd,bqhd->bhq", do8, o8)[..., None]) * scale, sc["dp"])
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k8)
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q8)
+        return tuple(rt(g, sc[n]).astype(x.dtype) for g, n, x in ((dq, "dq", q), (dk, "dk", k), (dv, "dv", v)))
+
+    return Kernels(fwd=fp8_emulation_kernels().fwd, bwd=bwd)
 
 
 FP8_SEQ_MULTIPLE = 64
@@ -332,13 +457,26 @@ def resolve_backend(name: str, devices=None) -> str:
         return "cudnn" if gpu else "xla"
     if name not in BACKENDS:
         raise AttentionBackendError(f"attention_backend {name!r}: expected 'auto' or one of {BACKENDS}")
-    if name in ("fa3", "fp8"):
+    if name in ("fa3", "fp8", "fp8_full"):
         if not (gpu and all(_is_hopper(d) for d in devices)):
             kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
             raise AttentionBackendError(f"attention_backend {name!r} needs Hopper GPUs (SM90); this run has {kinds}")
         if name == "fa3":
             fa3_kernels()
+    if name == "fp8_full":
+        check_fp8_backward_jax()
     return name
+
+
+def check_fp8_backward_jax(version: str | None = None) -> None:
+    """fp8_full binds JAX's fp8 backward primitive with its scale operands re-placed for XLA (FP8_BWD_SCALE_ORDER);
+    that is only right for the JAX versions it was checked against."""
+    version = jax.__version__ if version is None else version
+    if not version.startswith(FP8_BWD_JAX_VERSIONS):
+        raise AttentionBackendError(
+            f"attention_backend 'fp8_full' was checked against JAX {', '.join(v + 'x' for v in FP8_BWD_JAX_VERSIONS)}"
+            f" only (its fp8 backward re-orders JAX's scale operands for XLA), this is JAX {version}: run "
+            "bench/bench_fp8.py to check the gradients, then add the version to FP8_BWD_JAX_VERSIONS; or use 'fp8'")
 
 
 def compiler_options(backend: str) -> dict:
@@ -350,7 +488,7 @@ def compiler_options(backend: str) -> dict:
     the optimised HLO of the 2B net: 8 forward calls for 4 call sites; profile: 2.75 s of forward kernels vs 1.44 s
     with cuDNN). Switching the rewrite off keeps one call per site.
     """
-    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend in ("fa3", "fp8") else {}
+    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend in ("fa3", "fp8", "fp8_full") else {}
 
 
 def _pad_seq(x, length: int):
@@ -366,15 +504,15 @@ def local_attention(q, k, v, *, backend: str, q_len: int | None = None, kv_len: 
     runs only `self_attn` in fp8."""
     q_len = q.shape[1] if q_len is None else q_len
     kv_len = k.shape[1] if kv_len is None else kv_len
-    if backend == "fp8" and site != "self_attn":
+    if backend in ("fp8", "fp8_full") and site != "self_attn":
         backend = fp8_partner()  # the cross-attention stays bf16
-    if backend in ("fa3", "fp8"):
+    if backend in ("fa3", "fp8", "fp8_full"):
         if q_len < q.shape[1] or kv_len < k.shape[1]:
             raise AttentionBackendError(f"{backend} attention takes unpadded sequences (no q_len / kv_len)")
         if backend == "fa3":
             return flash_attention(q, k, v, site=site)
         check_fp8_shape(q, k)
-        return _flash(q, k, v, site, fp8_kernels())
+        return _flash(q, k, v, site, fp8_kernels() if backend == "fp8" else fp8_full_kernels())
     if backend == "xla":
         return _xla_attention(q, k, v, kv_len)
     if backend == "cudnn":
