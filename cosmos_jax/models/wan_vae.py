@@ -435,7 +435,8 @@ def init_params(cfg: WanVAEConfig, seed: int = 0) -> dict:
     """Random float32 parameters (benchmarks, tests); real weights come from `weights.vae_keymap`."""
     model = WanVAE(dataclasses.replace(cfg, dtype=jnp.float32))
     x = jnp.zeros((1, 5, 16, 16, 3), jnp.float32)  # 5 frames: every temporal resample path runs its conv
-    return jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
+    with jax.set_mesh(None):  # one program whatever mesh the caller has set (its compile is ~12 s on a CPU)
+        return jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
 
 
 def _stream(step, x: Array, size: int) -> Array:
