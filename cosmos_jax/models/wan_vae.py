@@ -12,6 +12,7 @@ chunks are the same computation (the reference streams chunks; `encode`/`decode`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -435,7 +436,11 @@ def init_params(cfg: WanVAEConfig, seed: int = 0) -> dict:
     """Random float32 parameters (benchmarks, tests); real weights come from `weights.vae_keymap`."""
     model = WanVAE(dataclasses.replace(cfg, dtype=jnp.float32))
     x = jnp.zeros((1, 5, 16, 16, 3), jnp.float32)  # 5 frames: every temporal resample path runs its conv
-    with jax.set_mesh(None):  # one program whatever mesh the caller has set (its compile is ~12 s on a CPU)
+    try:  # one program whatever mesh the caller has set (its compile is ~12 s on a CPU)
+        no_mesh = jax.set_mesh(None)
+    except ValueError:  # called inside a jit trace: part of the caller's program
+        no_mesh = contextlib.nullcontext()
+    with no_mesh:
         return jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
 
 
