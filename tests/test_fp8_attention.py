@@ -237,3 +237,25 @@ def test_fp8_full_refuses_an_unchecked_jax():
     with pytest.raises(attn.AttentionBackendError, match="0.12.0"):
         attn.check_fp8_backward_jax("0.12.0")
     assert attn.compiler_options("fp8_full") == attn.compiler_options("fa3")
+
+
+def test_fp8_full_backward_reruns_when_an_estimate_let_a_gradient_saturate(monkeypatch):
+    """Sampled estimates 100x too low (a missed outlier row): the first pass saturates dS and dq/dk/dv at 448, the
+    kernel's measured amaxes show it, and the rerun's gradients are as good as with right estimates."""
+    q, k, v, ct = _inputs(1.0, 1.0, 1.0)
+    kernels = attn.fp8_full_emulation_kernels()
+    with jax.default_matmul_precision("highest"):
+        (_, *exact), o, lse, scale = _dense_backward(ct, q, k, v)
+        good = kernels.bwd(ct, q, k, v, o, lse, scale)
+        real = attn.fp8_grad_amaxes
+        monkeypatch.setattr(attn, "fp8_grad_amaxes", lambda *a, **kw: real(*a, **kw) / 100)
+        low = kernels.bwd(ct, q, k, v, o, lse, scale)
+        runs = []
+        monkeypatch.setattr(attn, "fp8_backward_with_retry",
+                            lambda run, sc: runs.append((*run(sc), sc)) or runs[0][0])
+        saturated = kernels.bwd(ct, q, k, v, o, lse, scale)  # the first pass alone, no retry
+    _, amax, sc = runs[0]
+    assert all(float(amax[n] * sc[n]) > 448 for n in attn.FP8_GRAD_NAMES)  # the measured amaxes show saturation
+    for g, s_, b, e in zip(good, saturated, low, exact):
+        assert _rel(g, e) < 0.12 and _rel(b, e) < 0.12
+        assert _rel(s_, e) > 2 * _rel(b, e)  # what the rerun repaired
