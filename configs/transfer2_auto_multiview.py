@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.job.project = "cosmos_transfer_v2p5"
     c.job.group = "auto_multiview"
     c.job.name = "2b_cosmos_multiview_post_train_example"
+    # JAX's persistent compilation cache (train, infer): a restarted or resumed job skips recompiling.
+    # "auto" = <output_root>/xla_cache, "" = off, or a path; JAX_COMPILATION_CACHE_DIR in the environment wins
+    c.job.compilation_cache_dir = "auto"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.shift = 5.0                                   # sigma = shift*u / (1 + (shift-1)*u), u ~ logit-normal

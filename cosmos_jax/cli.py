@@ -329,3 +329,23 @@ def help_text(fv, doc: str, prog: str) -> str:
     except AttributeError:  # pragma: no cover - absl without the (private) renderer
         listing = fv.get_help(include_special_flags=False)
     return f"usage: {prog} [flags]\n\n{doc.strip()}\n\nflags:\n{listing}"
+
+
+def enable_compilation_cache(config) -> str | None:
+    """Turn on JAX's persistent compilation cache for a command (train, infer): a restarted or resumed job loads its
+    compiled programs instead of compiling them again. `config.job.compilation_cache_dir`: "auto" =
+    <output_root>/xla_cache, "" = off, else a path (a shared file system for several hosts). The environment's
+    JAX_COMPILATION_CACHE_DIR, where set, wins (JAX reads it itself). -> the folder used, or None."""
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        return env
+    job = config.get("job") if hasattr(config, "get") else None
+    path = job.get("compilation_cache_dir", "") if job is not None else ""
+    if not path:
+        return None
+    if path == "auto":
+        path = os.path.join(job.output_root, "xla_cache")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path

@@ -219,6 +219,7 @@ def main(args: InferArgs) -> int:
     if not args.debug:
         logging.set_verbosity(logging.WARNING)
     samples = spec_lib.load_specs(args.specs, args.overrides)
+    cli_lib.enable_compilation_cache(args.config)
     pipeline.run(args.config, samples, args.output_dir, args.checkpoint_path, ema=args.ema)
     return 0
 

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     from cosmos_jax.training import trainer
 
+    cli_lib.enable_compilation_cache(config)
     summary = trainer.train(config)
     print(f"done: steps {summary['start_step']} -> {summary['end_step']}; job dir {summary['job_dir']}")
     return 0

@@ -308,3 +308,25 @@ def test_atomic_savez_never_damages_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cli.atomic_savez(path, a=np.arange(4))
     assert (tmp_path / "out.npz").read_bytes() == before and os.listdir(tmp_path) == ["out.npz"]
+
+
+def test_compilation_cache_folder_follows_the_config_and_the_environment(monkeypatch, tmp_path):
+    import jax
+
+    from configs import transfer2_auto_multiview as cfg_file
+
+    set_to = []
+    monkeypatch.setattr(jax.config, "update", lambda k, v: set_to.append((k, v)))
+    config = cfg_file.get_config("tiny")
+    config.job.output_root = str(tmp_path)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    assert cli.enable_compilation_cache(config) == "/elsewhere" and set_to == []  # the environment wins
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert config.job.compilation_cache_dir == "auto"
+    assert cli.enable_compilation_cache(config) == str(tmp_path / "xla_cache")
+    config.job.compilation_cache_dir = "/fast/cache"
+    assert cli.enable_compilation_cache(config) == "/fast/cache"
+    config.job.compilation_cache_dir = ""
+    assert cli.enable_compilation_cache(config) is None
+    assert set_to == [("jax_compilation_cache_dir", str(tmp_path / "xla_cache")),
+                      ("jax_compilation_cache_dir", "/fast/cache")]
