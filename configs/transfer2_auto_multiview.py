@@ -50,6 +50,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
     #                                    self-attention forward in fp8, bf16 backward; ops/attention.py)
     #                                    | "fp8_full" (Hopper, opt-in: forward and backward in fp8)
     m.remat_policy = "save_attention"  # none | full | save_attention | save_self_attention | save_dots | ...
+    #                                    | offload_attention (save_attention's tensors in pinned host memory)
     m.weights = ""                     # initial weights: reference .pt / .safetensors, or an Orbax checkpoint of ours
     m.update(kw)
     return m

@@ -49,3 +49,25 @@ def test_gradients_under_every_remat_policy_equal_no_remat(case_a):
             if err > REL_TOL * scale:
                 failures.append(f"{policy} {jax.tree_util.keystr(path)}: max |diff| {err:.3g}, max |grad| {scale:.3g}")
     assert not failures, "\n".join(failures)
+
+
+def test_offload_attention_moves_the_saved_attention_outputs_to_host_memory(case_a):
+    """offload_attention (gradients checked above with the rest) copies the named attention outputs to host memory
+    in the forward and back in the backward; save_attention keeps them on the device; cuDNN's unnamed saved outputs
+    cannot be offloaded, which is an error rather than a silent recompute."""
+    import re
+
+    import pytest
+
+    cfg = parity.load_case_config(str(case_a))
+    params, cfg = parity.load_case_params(str(case_a), cfg)
+    args = parity.load_case_inputs(str(case_a / "inputs.npz"))
+    to_host = {}
+    for policy in ("save_attention", "offload_attention"):
+        model = dit_lib.MultiViewControlDiT(dataclasses.replace(cfg, remat_policy=policy))
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, **args))))(params))  # noqa: B023
+        to_host[policy] = len(re.findall(r"device_put\[[^\]]*devices=\(MemorySpace\.Host,\)", jaxpr))
+    assert to_host["save_attention"] == 0
+    assert to_host["offload_attention"] >= 4  # self- and cross-attention outputs of both scanned stacks
+    with pytest.raises(ValueError, match="offload_attention.*cuDNN"):
+        dit_lib.remat_policy("offload_attention", backend="cudnn")

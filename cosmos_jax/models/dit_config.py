@@ -31,7 +31,7 @@ _EXECUTION_ONLY_OPTIONS = {
 }
 
 REMAT_POLICIES = ("none", "full", "save_attention", "save_self_attention", "save_dots",
-                  "save_attention_and_dots")
+                  "save_attention_and_dots", "offload_attention")
 ATTENTION_BACKENDS = ("xla", "cudnn", "fa3", "fp8", "fp8_full")  # ops/attention.py; configs may also say "auto" (build.py)
 
 
