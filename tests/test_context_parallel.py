@@ -108,15 +108,16 @@ def test_context_parallel_equals_single_device_and_shards_activations(mesh_kw, s
             np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=1e-4)
 
 
-def test_fa3_backend_under_context_parallelism_equals_single_device(monkeypatch):
+@pytest.mark.parametrize("remat", ["save_attention", "offload_attention"])
+def test_fa3_backend_under_context_parallelism_equals_single_device(monkeypatch, remat):
     """The fa3 backend (its custom_vjp, run here with the same kernel contract in plain XLA) inside the Ulysses
     shard_map, under save_attention: the policy saves the kernel's output and log-sum-exp but not the named
-    `*_attn_out` after the back all-to-all, so the backward redoes that all-to-all. Outputs and gradients equal the
-    single-device xla run."""
+    `*_attn_out` after the back all-to-all, so the backward redoes that all-to-all (offload_attention: the same
+    tensors, in host memory). Outputs and gradients equal the single-device xla run."""
     monkeypatch.setattr(attn_ops, "fa3_kernels", attn_ops.xla_kernels)
     monkeypatch.setattr(attn_ops, "check_fa3_shape", lambda q: None)
     ref = _reference(*S_SPLIT)
-    cfg = dataclasses.replace(CFG, attention_backend="fa3", remat_policy="save_attention")
+    cfg = dataclasses.replace(CFG, attention_backend="fa3", remat_policy=remat)
     hlo, out = _run(mesh_lib.make_mesh(fsdp=2, context=4), *S_SPLIT, grad=True, cfg=cfg)
     assert "all-to-all" in hlo
     np.testing.assert_allclose(np.asarray(out[0]), ref[0], atol=1e-5, rtol=0)
