@@ -282,7 +282,7 @@ JAX_FP8_BWD_SCALE_ORDER = ("descale_q", "descale_k", "descale_v", "descale_o", "
 FP8_BWD_JAX_VERSIONS = ("0.10.", "0.11.")
 # Gradient scales are estimated per call from exact gradients of FP8_GRAD_SAMPLES strided query rows and key
 # columns (about 1.6 * samples / S of the backward's FLOPs), with FP8_GRAD_MARGIN powers of two of headroom for
-# the rows and columns not sampled; values above the scaled range saturate at +-448.
+# the rows and columns not sampled; where a tensor saturates anyway, the call is rerun (fp8_backward_with_retry).
 FP8_GRAD_SAMPLES = 128
 FP8_GRAD_MARGIN = 2
 
@@ -331,7 +331,8 @@ def fp8_backward_scales(do, q, k, v, o, lse, scale) -> dict:
     are the forward's), dO from its amax, dS and dq/dk/dv from `fp8_grad_amaxes` with FP8_GRAD_MARGIN. Names as in
     FP8_BWD_SCALE_ORDER (scale_*: x * scale -> fp8)."""
     sq, sk, sv, so = fp8_input_scales(q, k, v)
-    a_dp, a_dq, a_dk, a_dv = (fp8_grad_amaxes(do, q, k, v, o, lse, scale)[i] for i in range(4))
+    est = fp8_grad_amaxes(do, q, k, v, o, lse, scale)  # one estimate (a loop XLA would not merge if repeated)
+    a_dp, a_dq, a_dk, a_dv = (est[i] for i in range(4))
     m = FP8_GRAD_MARGIN
     return {"q": sq, "k": sk, "v": sv, "o": so, "s": jnp.float32(FP8_PROBS_SCALE), "do": fp8_scale(_amax(do)),
             "dp": fp8_scale(a_dp, m), "dq": fp8_scale(a_dq, m), "dk": fp8_scale(a_dk, m), "dv": fp8_scale(a_dv, m)}
