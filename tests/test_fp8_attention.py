@@ -259,3 +259,11 @@ def test_fp8_full_backward_reruns_when_an_estimate_let_a_gradient_saturate(monke
     for g, s_, b, e in zip(good, saturated, low, exact):
         assert _rel(g, e) < 0.12 and _rel(b, e) < 0.12
         assert _rel(s_, e) > 2 * _rel(b, e)  # what the rerun repaired
+
+
+def test_fp8_backward_scales_estimate_the_gradients_once():
+    """One sampled-gradient pass per backward call (the estimate is a loop over heads XLA would not merge)."""
+    q, k, v, ct = _inputs(1.0, 1.0, 1.0)
+    o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
+    jaxpr = str(jax.make_jaxpr(lambda *a: attn.fp8_backward_scales(*a, 0.25))(ct, q, k, v, o, lse))
+    assert jaxpr.count("scan[") == 1
