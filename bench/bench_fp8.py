@@ -33,7 +33,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cosmos_jax.ops.attention import FP8_MAX as E4M3_MAX, fp8_quantize as quantize  # noqa: E402  (the product's)
+from cosmos_jax.ops.attention import (  # noqa: E402  (the product's)
+    FP8_MAX as E4M3_MAX,
+    fp8_bwd_scale_operands,  # order "xla" as XLA reads them, "jax" as JAX names them (the cudnn_fp8_jaxorder row)
+    fp8_quantize as quantize,
+)
 
 
 def amax(x):
@@ -81,14 +85,6 @@ def fa3_fp8_forward(q, k, v):
         pack_gqa_has_value=False, is_causal=False, window_size_left=-1, window_size_right=-1, attention_chunk=0,
         softcap=0.0, is_rotary_interleaved=False, num_splits=1, sm_margin=0)
     return out
-
-
-def fp8_bwd_scale_operands(values: dict, order: str = "xla") -> list:
-    """The product's placement (ops.attention.fp8_bwd_scale_operands): order "xla" as XLA reads the operands,
-    "jax" as JAX's primitive names them (its gradients are garbage: the cudnn_fp8_jaxorder row)."""
-    from cosmos_jax.ops.attention import fp8_bwd_scale_operands as place
-
-    return place(values, order)
 
 
 def cudnn_fp8_fn(d: int, order: str = "xla"):

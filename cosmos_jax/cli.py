@@ -339,12 +339,11 @@ def enable_compilation_cache(config) -> str | None:
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if env:
         return env
-    job = config.get("job") if hasattr(config, "get") else None
-    path = job.get("compilation_cache_dir", "") if job is not None else ""
+    path = config.job.get("compilation_cache_dir", "")  # absent from configs saved before it existed: off
     if not path:
         return None
     if path == "auto":
-        path = os.path.join(job.output_root, "xla_cache")
+        path = os.path.join(config.job.output_root, "xla_cache")
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)

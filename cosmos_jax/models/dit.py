@@ -96,19 +96,17 @@ def remat_policy(name: str, cross_attn_keys: int = 512, backend: str = "xla"):
                                                           _is_self_attention_forward(cross_attn_keys)),
         "save_dots": cp.dots_with_no_batch_dims_saveable,
         "save_attention_and_dots": cp.save_from_both_policies(attention, cp.dots_with_no_batch_dims_saveable),
-    }
-    if name == "offload_attention":
         # save_attention's tensors, kept in pinned host memory instead of the GPU's (copied out during the forward,
-        # back in the backward): what is saved must carry a name, so the cuDNN backend (whose saved forward outputs
-        # are matched by primitive, not name) cannot use it
-        if backend == "cudnn":
-            raise ValueError("remat_policy 'offload_attention' needs named attention outputs: attention_backend "
-                             "fa3, fp8, fp8_full or xla (cuDNN's are matched by primitive); use save_attention")
-        return cp.save_and_offload_only_these_names(
+        # back in the backward); only named tensors can be offloaded
+        "offload_attention": cp.save_and_offload_only_these_names(
             names_which_can_be_saved=(), names_which_can_be_offloaded=(*self_names, *cross_names),
-            offload_src="device", offload_dst="pinned_host")
+            offload_src="device", offload_dst="pinned_host"),
+    }
     if name not in policies:
-        raise ValueError(f"unknown remat policy {name!r}; choose from {sorted(policies) + ['offload_attention']}")
+        raise ValueError(f"unknown remat policy {name!r}; choose from {sorted(policies)}")
+    if name == "offload_attention" and backend == "cudnn":  # its saved forward outputs are matched by primitive
+        raise ValueError("remat_policy 'offload_attention' needs named attention outputs: attention_backend "
+                         "fa3, fp8, fp8_full or xla (cuDNN's are matched by primitive); use save_attention")
     return policies[name]
 
 

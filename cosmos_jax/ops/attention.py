@@ -64,6 +64,8 @@ from cosmos_jax.parallel import mesh as mesh_lib
 
 CUDNN_SEQ_MULTIPLE = 64
 BACKENDS = ("xla", "cudnn", "fa3", "fp8", "fp8_full")
+FP8_BACKENDS = ("fp8", "fp8_full")  # self-attention in fp8 (cross-attention in bf16: fp8_partner)
+HOPPER_BACKENDS = ("fa3", *FP8_BACKENDS)  # Hopper only, unpadded sequences, compiler_options
 FA3_HEAD_DIMS = (128,)  # the head dims the published flash-attn3-jax wheels are built for (SM90)
 
 
@@ -238,18 +240,20 @@ def fp8_input_scales(q, k, v):
             fp8_scale(amax_v, FP8_MARGIN["v"]), fp8_scale(amax_v, FP8_MARGIN["o"]))
 
 
+def _fp8_scalar(x):
+    """A scale or descale operand of JAX's fp8 attention primitives: f32 [1, 1, 1, 1]."""
+    return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
+
+
 def _cudnn_fp8_forward(q, k, v, scale):
     """cuDNN's fp8 flash-attention forward -> (out in q's dtype, softmax log-sum-exp f32 [B, H, S])."""
     from jax._src.cudnn import fused_attention_stablehlo as fa  # JAX has no public fp8 attention with statistics
 
-    def one(x):
-        return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
-
     sq, sk, sv, so = fp8_input_scales(q, k, v)
     ss = jnp.float32(FP8_PROBS_SCALE)
     o8, _, _, stats = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
-        fp8_quantize(q, sq), fp8_quantize(k, sk), fp8_quantize(v, sv), one(1 / sq), one(1 / sk), one(1 / sv),
-        one(1 / ss), one(ss), one(so), scale=float(scale), use_causal_mask=False,
+        fp8_quantize(q, sq), fp8_quantize(k, sk), fp8_quantize(v, sv), _fp8_scalar(1 / sq), _fp8_scalar(1 / sk), _fp8_scalar(1 / sv),
+        _fp8_scalar(1 / ss), _fp8_scalar(ss), _fp8_scalar(so), scale=float(scale), use_causal_mask=False,
         layout=fa.AttentionLayout.BTNH.value, is_training=True)
     return (o8.astype(jnp.float32) / so).astype(q.dtype), stats.reshape(q.shape[0], q.shape[2], q.shape[1])
 
@@ -285,6 +289,8 @@ FP8_BWD_JAX_VERSIONS = ("0.10.", "0.11.")
 # the rows and columns not sampled; where a tensor saturates anyway, the call is rerun (fp8_backward_with_retry).
 FP8_GRAD_SAMPLES = 128
 FP8_GRAD_MARGIN = 2
+FP8_GRAD_NAMES = ("dp", "dq", "dk", "dv")  # the scales chosen from estimates, in fp8_grad_amaxes' order (dp: cuDNN's
+#                                           name for dS * softmax scale)
 
 
 def fp8_bwd_scale_operands(values: dict, order: str = "xla") -> list:
@@ -332,13 +338,10 @@ def fp8_backward_scales(do, q, k, v, o, lse, scale) -> dict:
     FP8_BWD_SCALE_ORDER (scale_*: x * scale -> fp8)."""
     sq, sk, sv, so = fp8_input_scales(q, k, v)
     est = fp8_grad_amaxes(do, q, k, v, o, lse, scale)  # one estimate (a loop XLA would not merge if repeated)
-    a_dp, a_dq, a_dk, a_dv = (est[i] for i in range(4))
-    m = FP8_GRAD_MARGIN
     return {"q": sq, "k": sk, "v": sv, "o": so, "s": jnp.float32(FP8_PROBS_SCALE), "do": fp8_scale(_amax(do)),
-            "dp": fp8_scale(a_dp, m), "dq": fp8_scale(a_dq, m), "dk": fp8_scale(a_dk, m), "dv": fp8_scale(a_dv, m)}
+            **{n: fp8_scale(est[i], FP8_GRAD_MARGIN) for i, n in enumerate(FP8_GRAD_NAMES)}}
 
 
-FP8_GRAD_NAMES = ("dp", "dq", "dk", "dv")  # the backward's scales chosen from estimates (dp: cuDNN's dS * scale)
 FP8_RETRY_MARGIN = 1
 
 
@@ -364,24 +367,23 @@ def _cudnn_fp8_backward(do, q, k, v, o, lse, scale):
     amax outputs (`fp8_backward_with_retry`)."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
-    def one(x):
-        return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
-
+    sc = fp8_backward_scales(do, q, k, v, o, lse, scale)
+    # quantised once: a rerun changes only the gradient scales
+    x8 = {n: fp8_quantize(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do))}
     stats = lse.astype(jnp.float32)
 
-    def run(sc):
-        x8 = {n: fp8_quantize(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do))}
-        values = {f"descale_{n}": one(1 / sc[n]) for n in ("q", "k", "v", "s", "o", "do", "dp")}
-        values.update({f"scale_{n}": one(sc[n]) for n in ("s", "dp", "dq", "dk", "dv")})
+    def run(scales):
+        values = {f"descale_{n}": _fp8_scalar(1 / scales[n]) for n in ("q", "k", "v", "s", "o", "do", "dp")}
+        values.update({f"scale_{n}": _fp8_scalar(scales[n]) for n in ("s", "dp", "dq", "dk", "dv")})
         dq8, dk8, dv8, a_dq, a_dk, a_dv, a_dp = fa._dot_product_attention_fp8_bwd_p_wrapper.bind(
             x8["q"], x8["k"], x8["v"], x8["o"], x8["do"], stats,
             *fp8_bwd_scale_operands(values, "xla"), scale=float(scale), use_causal_mask=False,
             layout=fa.AttentionLayout.BTNH.value)
-        grads = tuple((g.astype(jnp.float32) / sc[n]).astype(x.dtype)
+        grads = tuple((g.astype(jnp.float32) / scales[n]).astype(x.dtype)
                       for g, n, x in ((dq8, "dq", q), (dk8, "dk", k), (dv8, "dv", v)))
         return grads, {n: jnp.max(a) for n, a in (("dp", a_dp), ("dq", a_dq), ("dk", a_dk), ("dv", a_dv))}
 
-    return fp8_backward_with_retry(run, fp8_backward_scales(do, q, k, v, o, lse, scale))
+    return fp8_backward_with_retry(run, sc)
 
 
 def fp8_full_kernels() -> Kernels:
@@ -414,19 +416,21 @@ def fp8_full_emulation_kernels() -> Kernels:
         return fp8_quantize(x, s).astype(f32) / s
 
     def bwd(do, q, k, v, o, lse, scale):
-        def run(sc):  # as the kernel: gradients and the amaxes of dS * scale, dq, dk, dv before their rounding
-            q8, k8, v8, o8, do8 = (rt(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do)))
+        sc = fp8_backward_scales(do, q, k, v, o, lse, scale)
+        q8, k8, v8, o8, do8 = (rt(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do)))
+
+        def run(scales):  # as the kernel: gradients and the amaxes of dS * scale, dq, dk, dv before their rounding
             p = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", q8, k8) * scale - lse[..., None])
-            dv = jnp.einsum("bhqk,bqhd->bkhd", rt(p, sc["s"]), do8)
+            dv = jnp.einsum("bhqk,bqhd->bkhd", rt(p, scales["s"]), do8)
             dp = jnp.einsum("bqhd,bkhd->bhqk", do8, v8)
             ds = p * (dp - jnp.einsum("bqhd,bqhd->bhq", do8, o8)[..., None]) * scale
-            ds8 = rt(ds, sc["dp"])
+            ds8 = rt(ds, scales["dp"])
             dq = jnp.einsum("bhqk,bkhd->bqhd", ds8, k8)
             dk = jnp.einsum("bhqk,bqhd->bkhd", ds8, q8)
-            grads = tuple(rt(g, sc[n]).astype(x.dtype) for g, n, x in ((dq, "dq", q), (dk, "dk", k), (dv, "dv", v)))
+            grads = tuple(rt(g, scales[n]).astype(x.dtype) for g, n, x in ((dq, "dq", q), (dk, "dk", k), (dv, "dv", v)))
             return grads, {"dp": _amax(ds), "dq": _amax(dq), "dk": _amax(dk), "dv": _amax(dv)}
 
-        return fp8_backward_with_retry(run, fp8_backward_scales(do, q, k, v, o, lse, scale))
+        return fp8_backward_with_retry(run, sc)
 
     return Kernels(fwd=fp8_emulation_kernels().fwd, bwd=bwd)
 
@@ -489,7 +493,7 @@ def resolve_backend(name: str, devices=None) -> str:
         return "cudnn" if gpu else "xla"
     if name not in BACKENDS:
         raise AttentionBackendError(f"attention_backend {name!r}: expected 'auto' or one of {BACKENDS}")
-    if name in ("fa3", "fp8", "fp8_full"):
+    if name in HOPPER_BACKENDS:
         if not (gpu and all(_is_hopper(d) for d in devices)):
             kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
             raise AttentionBackendError(f"attention_backend {name!r} needs Hopper GPUs (SM90); this run has {kinds}")
@@ -520,7 +524,7 @@ def compiler_options(backend: str) -> dict:
     the optimised HLO of the 2B net: 8 forward calls for 4 call sites; profile: 2.75 s of forward kernels vs 1.44 s
     with cuDNN). Switching the rewrite off keeps one call per site.
     """
-    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend in ("fa3", "fp8", "fp8_full") else {}
+    return {"xla_gpu_enable_dynamic_slice_fusion": False} if backend in HOPPER_BACKENDS else {}
 
 
 def _pad_seq(x, length: int):
@@ -536,9 +540,9 @@ def local_attention(q, k, v, *, backend: str, q_len: int | None = None, kv_len: 
     runs only `self_attn` in fp8."""
     q_len = q.shape[1] if q_len is None else q_len
     kv_len = k.shape[1] if kv_len is None else kv_len
-    if backend in ("fp8", "fp8_full") and site != "self_attn":
+    if backend in FP8_BACKENDS and site != "self_attn":
         backend = fp8_partner()  # the cross-attention stays bf16
-    if backend in ("fa3", "fp8", "fp8_full"):
+    if backend in HOPPER_BACKENDS:
         if q_len < q.shape[1] or kv_len < k.shape[1]:
             raise AttentionBackendError(f"{backend} attention takes unpadded sequences (no q_len / kv_len)")
         if backend == "fa3":
