@@ -261,9 +261,36 @@ def test_fp8_full_backward_reruns_when_an_estimate_let_a_gradient_saturate(monke
         assert _rel(s_, e) > 2 * _rel(b, e)  # what the rerun repaired
 
 
-def test_fp8_backward_scales_estimate_the_gradients_once():
-    """One sampled-gradient pass per backward call (the estimate is a loop over heads XLA would not merge)."""
+@pytest.mark.parametrize("group_elements", [None, 1])
+def test_fp8_backward_scales_estimate_the_gradients_once(monkeypatch, group_elements):
+    """One sampled-gradient pass per backward call: two exponentials (rows, columns), batched over all heads where
+    they fit and inside one loop over head groups where they do not (a loop XLA would not merge if repeated)."""
+    if group_elements is not None:  # every head its own group
+        monkeypatch.setattr(attn, "FP8_GRAD_GROUP_ELEMENTS", group_elements)
     q, k, v, ct = _inputs(1.0, 1.0, 1.0)
     o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
     jaxpr = str(jax.make_jaxpr(lambda *a: attn.fp8_backward_scales(*a, 0.25))(ct, q, k, v, o, lse))
-    assert jaxpr.count("scan[") == 1
+    assert jaxpr.count(" exp ") == 2
+    assert jaxpr.count("scan[") == (0 if group_elements is None else 1)
+
+
+def test_fp8_grad_amaxes_head_groups_give_the_same_estimate(monkeypatch):
+    q, k, v, ct = _inputs(3.0, 0.5, 2.0)
+    o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
+    whole = np.asarray(attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
+    monkeypatch.setattr(attn, "FP8_GRAD_GROUP_ELEMENTS", 1)
+    assert attn._head_group(q.shape[0], q.shape[2], q.shape[1], 16) == 1
+    looped = np.asarray(attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
+    np.testing.assert_allclose(looped, whole, rtol=1e-5)
+
+
+def test_fp8_grad_amaxes_of_bf16_inputs_match_their_f32_estimate():
+    """bf16 inputs stay bf16 in the estimate's products (f32 accumulation, P and dS rounded to bf16 before their
+    second product): the amaxes move by far less than the scales' headroom."""
+    q, k, v, ct = (x.astype(jnp.bfloat16) for x in _inputs(3.0, 0.5, 2.0))
+    o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
+    got = np.asarray(attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(attn.fp8_grad_amaxes(*(x.astype(jnp.float32) for x in (ct, q, k, v, o)), lse, 0.25,
+                                               samples=16))
+    np.testing.assert_allclose(got, want, rtol=0.02)

@@ -306,30 +306,54 @@ def _strided(n_total: int, n: int):
     return np.unique((np.arange(min(n, n_total)) * n_total) // min(n, n_total))
 
 
+FP8_GRAD_GROUP_ELEMENTS = 2 ** 26  # f32 elements of one sampled score block [B, heads, S, samples] (256 MiB)
+
+
+def _head_group(batch: int, heads: int, seq: int, samples: int) -> int:
+    """The most heads (a divisor of `heads`) whose sampled score blocks stay within FP8_GRAD_GROUP_ELEMENTS."""
+    return max([g for g in range(1, heads + 1) if heads % g == 0 and batch * g * seq * samples
+                <= FP8_GRAD_GROUP_ELEMENTS] or [1])
+
+
 def fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples: int = FP8_GRAD_SAMPLES):
     """Estimated amax of (dS * scale, dq, dk, dv) of one attention backward, dS = P o (dP - rowsum(dO o O)) (what
     cuDNN's fp8 backward scales with its "dP" scale: its amax output matched amax(dS * scale) on an H200): exact
     dq and dS rows for `samples` strided queries, exact dk, dv and dS columns for `samples` strided keys, from the
-    forward's log-sum-exp. One head at a time (lax.map), so the extra memory is samples x S per head. f32 [4]."""
+    forward's log-sum-exp. Products of the inputs' own dtype accumulate in f32 (bf16 inputs are not copied to f32);
+    P and dS are rounded to that dtype before their second product, which moves an amax by < 1 %, far inside the
+    scales' headroom. Heads are batched in groups whose [B, g, S, samples] f32 blocks fit FP8_GRAD_GROUP_ELEMENTS
+    (all heads at once at the DiT's one-GPU 1-2 view lengths; a loop over groups beyond). f32 [4]."""
     f32 = jnp.float32
-    rows, cols = _strided(q.shape[1], samples), _strided(k.shape[1], samples)
+    b, sq, h, _ = q.shape
+    rows, cols = _strided(sq, samples), _strided(k.shape[1], samples)
+    g = _head_group(b, h, max(sq, k.shape[1]), samples)
 
-    def head(x):  # one head: [B, S, D] each, lse [B, S]
-        qh, kh, vh, doh, oh, lseh = (y.astype(f32) for y in x)
-        delta = jnp.sum(doh * oh, axis=-1)  # [B, Sq]
+    def dot(spec, x, y):
+        return jnp.einsum(spec, x, y.astype(x.dtype), preferred_element_type=f32)
+
+    def group(x):  # heads [g]: q, k, v, do, o [B, S, g, D], lse [B, g, Sq]
+        qh, kh, vh, doh, oh, lseh = x
+        delta = dot("bqhd,bqhd->bhq", doh, oh)  # rowsum(dO o O), [B, g, Sq]
         # sampled queries: their dS rows and dq
-        p = jnp.exp(jnp.einsum("bqd,bkd->bqk", qh[:, rows], kh) * scale - lseh[:, rows, None])
-        ds_r = p * (jnp.einsum("bqd,bkd->bqk", doh[:, rows], vh) - delta[:, rows, None]) * scale
-        dq = jnp.einsum("bqk,bkd->bqd", ds_r, kh)
+        p = jnp.exp(dot("bqhd,bkhd->bhqk", qh[:, rows], kh) * scale - lseh[:, :, rows, None])
+        ds_r = p * (dot("bqhd,bkhd->bhqk", doh[:, rows], vh) - delta[:, :, rows, None]) * scale
+        dq = dot("bhqk,bkhd->bqhd", ds_r.astype(q.dtype), kh)
         # sampled keys: their dS columns, dk and dv
-        p = jnp.exp(jnp.einsum("bqd,bkd->bqk", qh, kh[:, cols]) * scale - lseh[..., None])
-        ds_c = p * (jnp.einsum("bqd,bkd->bqk", doh, vh[:, cols]) - delta[..., None]) * scale
-        dk = jnp.einsum("bqk,bqd->bkd", ds_c, qh)
-        dv = jnp.einsum("bqk,bqd->bkd", p, doh)
+        p = jnp.exp(dot("bqhd,bkhd->bhqk", qh, kh[:, cols]) * scale - lseh[..., None])
+        ds_c = p * (dot("bqhd,bkhd->bhqk", doh, vh[:, cols]) - delta[..., None]) * scale
+        dk = dot("bhqk,bqhd->bkhd", ds_c.astype(q.dtype), qh)
+        dv = dot("bhqk,bqhd->bkhd", p.astype(q.dtype), doh)
         return jnp.stack([jnp.maximum(_amax(ds_r), _amax(ds_c)), _amax(dq), _amax(dk), _amax(dv)])
 
-    per_head = jax.lax.map(head, tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, do, o)) + (jnp.moveaxis(lse, 1, 0),))
-    return jnp.max(per_head, axis=0)
+    lse = lse.astype(f32)
+    if g == h:
+        return group((q, k, v, do, o, lse))
+
+    def nth(i):  # the i-th group of heads, sliced inside the loop (no transposed copy of the inputs)
+        return group(tuple(jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=2) for x in (q, k, v, do, o))
+                     + (jax.lax.dynamic_slice_in_dim(lse, i * g, g, axis=1),))
+
+    return jnp.max(jax.lax.map(nth, jnp.arange(h // g)), axis=0)
 
 
 def fp8_backward_scales(do, q, k, v, o, lse, scale) -> dict:
