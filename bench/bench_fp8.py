@@ -9,12 +9,12 @@ Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-n
            dO, dP and dQ/dK/dV; per-tensor current scaling of q, k, v, dO; probabilities at 448 (their unnormalised
            flash form peaks at 1); o, dP, dQ/dK/dV from a first call's amax outputs, i.e. delayed scaling after one
            step; the first call's own errors are in the JSON row; the backward's scale operands placed as XLA
-           reads them, ops.attention.FP8_BWD_SCALE_ORDER) | cudnn_fp8_jaxorder (the same, placed as JAX's wrapper passes them) |
+           reads them, ops.fp8_attention.FP8_BWD_SCALE_ORDER) | cudnn_fp8_jaxorder (the same, placed as JAX's wrapper passes them) |
            cudnn_fp8_pow2 (the same kernels, q/k/v/o scaled as the product's fp8 forward does, power-of-two scales,
            dP from a Cauchy-Schwarz bound in the first call, dP and dq/dk/dv delayed in the timed one) |
            cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
            scale plumbing here from a wrong kernel) |
-           fp8 (the product's backend, ops/attention.py: cuDNN fp8 forward with per-call power-of-two scales,
+           fp8 (the product's backend, ops/fp8_attention.py: cuDNN fp8 forward with per-call power-of-two scales,
            FA3's bf16 backward from its softmax statistics) | fp8_full (the product's all-fp8 backend: the same
            forward, cuDNN's fp8 backward with per-call scales from sampled gradient rows and columns)
   fwd      cudnn | fa3 | fp8 (the same backend's forward: what inference runs) |
@@ -33,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cosmos_jax.ops.attention import (  # noqa: E402  (the product's)
+from cosmos_jax.ops.fp8_attention import (  # noqa: E402  (the product's)
     FP8_MAX as E4M3_MAX,
     fp8_bwd_scale_operands,  # order "xla" as XLA reads them, "jax" as JAX names them (the cudnn_fp8_jaxorder row)
     fp8_quantize as quantize,
@@ -66,9 +66,9 @@ def fa3_fp8_forward(q, k, v):
     import jax
     import jax.numpy as jnp
 
-    from cosmos_jax.ops import attention as attn
+    from cosmos_jax.ops import flash
 
-    attn.fa3_kernels()  # imports the wheel, which registers its FFI targets
+    flash.fa3_kernels()  # imports the wheel, which registers its FFI targets
     scales = [scale_from_amax(amax(x)) for x in (q, k, v)]
     q8, k8, v8 = (quantize(x, s) for x, s in zip((q, k, v), scales))
     b, sq, h, d = q.shape
@@ -89,7 +89,7 @@ def fa3_fp8_forward(q, k, v):
 
 def cudnn_fp8_fn(d: int, order: str = "xla"):
     """(q, k, v, do, scales[10]) -> (out, dq, dk, dv, amaxes[6]) through cuDNN's fp8 attention primitives; `order`:
-    how the backward's scale operands are placed (see ops.attention.FP8_BWD_SCALE_ORDER)."""
+    how the backward's scale operands are placed (see ops.fp8_attention.FP8_BWD_SCALE_ORDER)."""
     import jax.numpy as jnp
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
@@ -135,6 +135,7 @@ def main():
 
     from bench.common import timeit
     from cosmos_jax.ops import attention as attn
+    from cosmos_jax.ops import fp8_attention as fp8_attn
 
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     rows = []
@@ -235,10 +236,10 @@ def main():
             run = runs[order]
             gref = base["fwd+bwd"][1]
             norm = lambda x: jnp.max(jnp.linalg.norm(x.astype(jnp.float32), axis=-1))  # noqa: E731
-            sq, sk, sv, so = attn.fp8_input_scales(q, k, v)
-            first = jnp.stack([sq, sk, sv, jnp.float32(attn.FP8_PROBS_SCALE), so, attn.fp8_scale(amax(ct)),
-                               attn.fp8_scale(norm(ct) * norm(v)),
-                               *(attn.fp8_scale(float(np.abs(x).max())) for x in gref[1:])])
+            sq, sk, sv, so = fp8_attn.fp8_input_scales(q, k, v)
+            first = jnp.stack([sq, sk, sv, jnp.float32(fp8_attn.FP8_PROBS_SCALE), so, fp8_attn.fp8_scale(amax(ct)),
+                               fp8_attn.fp8_scale(norm(ct) * norm(v)),
+                               *(fp8_attn.fp8_scale(float(np.abs(x).max())) for x in gref[1:])])
             *res1, amaxes = run(q, k, v, ct, first)
             target = ref if ref is not None else gref
             row["rel_err_out_first_call"] = rel(res1[0], target[0])
@@ -246,7 +247,7 @@ def main():
             row["amax_s_o_dq_dk_dv_dp"] = np.asarray(amaxes).tolist()
             # second call: dP and dq/dk/dv from the first call's amax outputs (delayed scaling after one step)
             second = first.at[jnp.array([6, 7, 8, 9])].set(
-                jnp.stack([attn.fp8_scale(amaxes[i]) for i in (5, 2, 3, 4)]))
+                jnp.stack([fp8_attn.fp8_scale(amaxes[i]) for i in (5, 2, 3, 4)]))
             return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
 
         def cudnn_fp8_unit(row):

@@ -47,7 +47,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
     #                                    (trainable weights keep fp32 master copies in the optimizer state)
     m.attention_backend = "auto"       # auto: fa3 on Hopper with flash-attn3-jax, else cudnn on GPUs, else xla
     #                                    | "fa3" | "cudnn" | "xla" (any device) | "fp8" (Hopper, opt-in:
-    #                                    self-attention forward in fp8, bf16 backward; ops/attention.py)
+    #                                    self-attention forward in fp8, bf16 backward; ops/fp8_attention.py)
     #                                    | "fp8_full" (Hopper, opt-in: forward and backward in fp8)
     m.remat_policy = "save_attention"  # none | full | save_attention | save_self_attention | save_dots | ...
     #                                    | offload_attention (save_attention's tensors in pinned host memory)

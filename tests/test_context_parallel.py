@@ -16,6 +16,8 @@ from cosmos_jax.models import blocks as blocks_lib
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.models.dit_config import DiTConfig
 from cosmos_jax.ops import attention as attn_ops
+from cosmos_jax.ops import flash
+from cosmos_jax.ops import fp8_attention as fp8_attn
 from cosmos_jax.parallel import mesh as mesh_lib
 
 # 8 heads so that every context size up to 8 divides them; head_dim 16 as in the fixture; 2 base blocks, 1 control
@@ -114,8 +116,8 @@ def test_fa3_backend_under_context_parallelism_equals_single_device(monkeypatch,
     shard_map, under save_attention: the policy saves the kernel's output and log-sum-exp but not the named
     `*_attn_out` after the back all-to-all, so the backward redoes that all-to-all (offload_attention: the same
     tensors, in host memory). Outputs and gradients equal the single-device xla run."""
-    monkeypatch.setattr(attn_ops, "fa3_kernels", attn_ops.xla_kernels)
-    monkeypatch.setattr(attn_ops, "check_fa3_shape", lambda q: None)
+    monkeypatch.setattr(flash, "fa3_kernels", flash.xla_kernels)
+    monkeypatch.setattr(flash, "check_fa3_shape", lambda q: None)
     ref = _reference(*S_SPLIT)
     cfg = dataclasses.replace(CFG, attention_backend="fa3", remat_policy=remat)
     hlo, out = _run(mesh_lib.make_mesh(fsdp=2, context=4), *S_SPLIT, grad=True, cfg=cfg)
@@ -130,10 +132,10 @@ def test_fp8_backend_under_context_parallelism(monkeypatch, backend):
     """The fp8 backends (their kernels replaced by their XLA emulation) inside the Ulysses shard_map: each device
     scales its own heads from their own amax (and fp8_full its gradients from its own sampled rows), so the result
     is the single-device xla run within fp8 rounding (not bit-equal to a single-device fp8 run)."""
-    monkeypatch.setattr(attn_ops, "fp8_kernels", attn_ops.fp8_emulation_kernels)
-    monkeypatch.setattr(attn_ops, "fp8_full_kernels", attn_ops.fp8_full_emulation_kernels)
+    monkeypatch.setattr(fp8_attn, "fp8_kernels", fp8_attn.fp8_emulation_kernels)
+    monkeypatch.setattr(fp8_attn, "fp8_full_kernels", fp8_attn.fp8_full_emulation_kernels)
     monkeypatch.setattr(attn_ops, "fp8_partner", lambda: "xla")
-    monkeypatch.setattr(attn_ops, "check_fp8_shape", lambda q, k: None)
+    monkeypatch.setattr(fp8_attn, "check_fp8_shape", lambda q, k: None)
     ref = _reference(*S_SPLIT)
     cfg = dataclasses.replace(CFG, attention_backend=backend, remat_policy="save_attention")
     hlo, out = _run(mesh_lib.make_mesh(fsdp=2, context=4), *S_SPLIT, grad=True, cfg=cfg)

@@ -20,6 +20,7 @@ import pytest
 
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.ops import attention as attn
+from cosmos_jax.ops import flash
 from tools import parity
 
 FWD_NAME = "fa3_test_forward_kernel"
@@ -27,13 +28,13 @@ FWD_NAME = "fa3_test_forward_kernel"
 
 def _counting_kernels():
     """xla_kernels with the forward as a jitted function of a distinctive name, so it can be counted in a jaxpr."""
-    base = attn.xla_kernels()
+    base = flash.xla_kernels()
 
     def fwd(q, k, v, scale):
         return base.fwd(q, k, v, scale)
 
     fwd.__name__ = FWD_NAME
-    return attn.Kernels(fwd=jax.jit(fwd, static_argnums=3), bwd=base.bwd)
+    return flash.Kernels(fwd=jax.jit(fwd, static_argnums=3), bwd=base.bwd)
 
 
 def _count_forward_kernels(jaxpr) -> int:
@@ -60,10 +61,10 @@ def test_flash_wrapper_gradients_equal_autodiff_of_plain_attention():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 3, 16)), jnp.float32) for _ in range(3))
     ct = jnp.asarray(rng.standard_normal((2, 37, 3, 16)), jnp.float32)
-    kernels = attn.xla_kernels()
+    kernels = flash.xla_kernels()
 
     def loss_flash(q, k, v):
-        return jnp.sum(attn.flash_attention(q, k, v, site="self_attn", kernels=kernels) * ct)
+        return jnp.sum(flash.flash_attention(q, k, v, site="self_attn", kernels=kernels) * ct)
 
     def loss_plain(q, k, v):
         return jnp.sum(_plain_attention(q, k, v) * ct)
@@ -81,8 +82,8 @@ def test_remat_policies_keep_the_fa3_kernel_outputs(case_a, monkeypatch):
     With `save_attention` the gradient program holds 2 forward kernels per stack fewer than with `full` (which
     reruns both in the backward); with `save_self_attention` 1 per stack fewer (cross-attention is rerun). (A naive
     FA3 swap, whose outputs no policy can name, reruns everything like `full`.)"""
-    monkeypatch.setattr(attn, "fa3_kernels", _counting_kernels)
-    monkeypatch.setattr(attn, "check_fa3_shape", lambda q: None)
+    monkeypatch.setattr(flash, "fa3_kernels", _counting_kernels)
+    monkeypatch.setattr(flash, "check_fa3_shape", lambda q: None)
     cfg = parity.load_case_config(str(case_a))
     params, cfg = parity.load_case_params(str(case_a), cfg)
     args = parity.load_case_inputs(str(case_a / "inputs.npz"))
@@ -100,8 +101,8 @@ def test_remat_policies_keep_the_fa3_kernel_outputs(case_a, monkeypatch):
 
 def test_remat_policies_save_the_named_fa3_tensors(monkeypatch):
     """What each policy saves of one self- and one cross-attention call on the fa3 backend."""
-    monkeypatch.setattr(attn, "fa3_kernels", attn.xla_kernels)
-    monkeypatch.setattr(attn, "check_fa3_shape", lambda q: None)
+    monkeypatch.setattr(flash, "fa3_kernels", flash.xla_kernels)
+    monkeypatch.setattr(flash, "check_fa3_shape", lambda q: None)
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((1, 2, 6, 2, 8)), jnp.float32)   # [B, T, S, H, D]
     kv = jnp.asarray(rng.standard_normal((1, 2, 5, 2, 8)), jnp.float32)  # [B, G, M, H, D]
@@ -124,8 +125,8 @@ def test_remat_policies_save_the_named_fa3_tensors(monkeypatch):
 
 
 def test_fa3_backend_gives_the_xla_backend_result_in_the_net(case_a, monkeypatch):
-    monkeypatch.setattr(attn, "fa3_kernels", attn.xla_kernels)
-    monkeypatch.setattr(attn, "check_fa3_shape", lambda q: None)
+    monkeypatch.setattr(flash, "fa3_kernels", flash.xla_kernels)
+    monkeypatch.setattr(flash, "check_fa3_shape", lambda q: None)
     cfg = parity.load_case_config(str(case_a))
     params, cfg = parity.load_case_params(str(case_a), cfg)
     args = parity.load_case_inputs(str(case_a / "inputs.npz"))
@@ -151,11 +152,11 @@ def test_backend_resolution(monkeypatch):
     def missing():
         raise attn.AttentionBackendError("attention backend 'fa3' needs the flash-attn3-jax wheel")
 
-    monkeypatch.setattr(attn, "fa3_kernels", missing)
+    monkeypatch.setattr(flash, "fa3_kernels", missing)
     assert attn.resolve_backend("auto", [h100]) == "cudnn"  # not installed: the fallback
     with pytest.raises(attn.AttentionBackendError, match="needs the flash-attn3-jax wheel"):
         attn.resolve_backend("fa3", [h100])
-    monkeypatch.setattr(attn, "fa3_kernels", attn.xla_kernels)
+    monkeypatch.setattr(flash, "fa3_kernels", flash.xla_kernels)
     assert attn.resolve_backend("auto", [h100, h100]) == "fa3"
     assert attn.resolve_backend("auto", [h100, a100]) == "cudnn"
     with pytest.raises(attn.AttentionBackendError, match=r"needs Hopper GPUs.*NVIDIA A100"):
@@ -167,9 +168,9 @@ def test_backend_resolution(monkeypatch):
 def test_fa3_refuses_shapes_the_wheel_lacks():
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(attn.AttentionBackendError, match="head_dim 64 is not built"):
-        attn.flash_attention(q, q, q, site="self_attn")
+        flash.flash_attention(q, q, q, site="self_attn")
     with pytest.raises(attn.AttentionBackendError, match="needs bf16/fp16"):
-        attn.flash_attention(q.astype(jnp.float32), q, q, site="self_attn")
+        flash.flash_attention(q.astype(jnp.float32), q, q, site="self_attn")
     with pytest.raises(attn.AttentionBackendError, match="unpadded"):
         attn.local_attention(q, q, q, backend="fa3", kv_len=4)
 
@@ -228,8 +229,8 @@ def _scan_residual_shapes(fn, *args) -> list:
 
 
 def _case_a_net(case_a, monkeypatch):
-    monkeypatch.setattr(attn, "fa3_kernels", attn.xla_kernels)
-    monkeypatch.setattr(attn, "check_fa3_shape", lambda q: None)
+    monkeypatch.setattr(flash, "fa3_kernels", flash.xla_kernels)
+    monkeypatch.setattr(flash, "check_fa3_shape", lambda q: None)
     cfg = parity.load_case_config(str(case_a))
     params, cfg = parity.load_case_params(str(case_a), cfg)
     args = parity.load_case_inputs(str(case_a / "inputs.npz"))
@@ -293,10 +294,10 @@ def test_fa3_backward_scratch_rows_cover_every_kernel_tile():
     height (80 for head_dim 128 on SM90); the wheel's lowering sized them rounded to 128, so at S = 256 or 4,096 the
     kernel wrote past them (inf / wrong gradients on an H200). Our call sizes them for every tile height."""
     for sq in list(range(1, 700)) + [4000, 4096, 28_800, 57_600, 201_600]:
-        rows = attn.fa3_backward_rows(sq)
+        rows = flash.fa3_backward_rows(sq)
         assert all(rows >= -(-sq // m) * m for m in (64, 80, 96, 128)), sq
         assert rows - sq < 128, sq
-    assert attn.fa3_backward_rows(256) == 320 and attn.fa3_backward_rows(4096) == 4160
+    assert flash.fa3_backward_rows(256) == 320 and flash.fa3_backward_rows(4096) == 4160
 
 
 def test_fa3_backward_call_allocates_the_covering_buffers():
@@ -305,7 +306,7 @@ def test_fa3_backward_call_allocates_the_covering_buffers():
     q = jnp.zeros((2, 256, 4, 128), jnp.bfloat16)
     k = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
     lse = jnp.zeros((2, 4, 256), jnp.float32)
-    jaxpr = jax.make_jaxpr(attn._fa3_backward, static_argnums=6)(q, q, k, k, q, lse, 0.088)
+    jaxpr = jax.make_jaxpr(flash.fa3_backward, static_argnums=6)(q, q, k, k, q, lse, 0.088)
     calls = [e for e in jaxpr.jaxpr.eqns if "ffi" in e.primitive.name]
     assert len(calls) == 1 and calls[0].params.get("target_name") == "flash_mha_bwd", calls
     shapes = [tuple(v.aval.shape) for v in calls[0].outvars]

@@ -16,13 +16,15 @@ import pytest
 
 from cosmos_jax.models import dit as dit_lib
 from cosmos_jax.ops import attention as attn
+from cosmos_jax.ops import flash
+from cosmos_jax.ops import fp8_attention as fp8_attn
 from tools import parity
 
 
 @pytest.mark.parametrize("amax", [448.0, 447.9, 448.1, 1.0, 0.7, 3.1e-5, 2.5e6, 12.0])
 @pytest.mark.parametrize("margin", [0, 2])
 def test_fp8_scale_is_the_largest_power_of_two_that_fits(amax, margin):
-    s = float(attn.fp8_scale(jnp.float32(amax), margin))
+    s = float(fp8_attn.fp8_scale(jnp.float32(amax), margin))
     e = math.log2(s)
     assert e == int(e), s  # a power of two: rescaling is exact
     limit = 448.0 / 2 ** margin
@@ -32,12 +34,12 @@ def test_fp8_scale_is_the_largest_power_of_two_that_fits(amax, margin):
 
 @pytest.mark.parametrize("amax", [0.0, float("inf"), float("nan")])
 def test_fp8_scale_of_a_degenerate_amax_is_one(amax):
-    assert float(attn.fp8_scale(jnp.float32(amax))) == 1.0
+    assert float(fp8_attn.fp8_scale(jnp.float32(amax))) == 1.0
 
 
 def test_fp8_quantize_saturates_instead_of_nan():
     x = jnp.asarray([1e6, -1e6, 3.0, 0.0], jnp.float32)
-    got = np.asarray(attn.fp8_quantize(x, jnp.float32(1.0)).astype(jnp.float32))
+    got = np.asarray(fp8_attn.fp8_quantize(x, jnp.float32(1.0)).astype(jnp.float32))
     np.testing.assert_array_equal(got, [448.0, -448.0, 3.0, 0.0])
 
 
@@ -57,15 +59,15 @@ def test_fp8_rounding_stays_within_e4m3_precision_at_any_magnitude(mags):
     """Per-tensor scaling keeps the e4m3 rounding of q, k, v and the output at a few percent whatever the
     magnitudes (unscaled, 2e4 saturates at 448 and 1e-5 underflows to 0); the backward is bf16/exact."""
     q, k, v, ct = _inputs(*mags)
-    kernels = attn.fp8_emulation_kernels()
+    kernels = fp8_attn.fp8_emulation_kernels()
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
 
-    fp8 = loss(lambda q, k, v: attn.flash_attention(q, k, v, site="self_attn", kernels=kernels))
+    fp8 = loss(lambda q, k, v: flash.flash_attention(q, k, v, site="self_attn", kernels=kernels))
     exact = loss(lambda q, k, v: attn.local_attention(q, k, v, backend="xla"))
     with jax.default_matmul_precision("highest"):
-        o8 = attn.flash_attention(q, k, v, site="self_attn", kernels=kernels)
+        o8 = flash.flash_attention(q, k, v, site="self_attn", kernels=kernels)
         o = attn.local_attention(q, k, v, backend="xla")
         g8 = jax.grad(fp8, argnums=(0, 1, 2))(q, k, v)
         g = jax.grad(exact, argnums=(0, 1, 2))(q, k, v)
@@ -83,10 +85,10 @@ def test_fp8_rounding_stays_within_e4m3_precision_at_any_magnitude(mags):
 
 def _fp8_on_cpu(monkeypatch):
     """The fp8 backend with its kernels replaced by the XLA emulation and its bf16 partner by xla (CPU)."""
-    monkeypatch.setattr(attn, "fp8_kernels", attn.fp8_emulation_kernels)
-    monkeypatch.setattr(attn, "fp8_full_kernels", attn.fp8_full_emulation_kernels)
+    monkeypatch.setattr(fp8_attn, "fp8_kernels", fp8_attn.fp8_emulation_kernels)
+    monkeypatch.setattr(fp8_attn, "fp8_full_kernels", fp8_attn.fp8_full_emulation_kernels)
     monkeypatch.setattr(attn, "fp8_partner", lambda: "xla")
-    monkeypatch.setattr(attn, "check_fp8_shape", lambda q, k: None)
+    monkeypatch.setattr(fp8_attn, "check_fp8_shape", lambda q, k: None)
 
 
 def test_fp8_backend_runs_only_the_self_attention_in_fp8(monkeypatch):
@@ -96,7 +98,7 @@ def test_fp8_backend_runs_only_the_self_attention_in_fp8(monkeypatch):
         cross = attn.local_attention(q, k, v, backend="fp8", site="cross_attn")
         self_ = attn.local_attention(q, k, v, backend="fp8", site="self_attn")
         exact = attn.local_attention(q, k, v, backend="xla")
-        emulated = attn.fp8_emulation_kernels().fwd(q, k, v, 1 / math.sqrt(q.shape[-1]))[0]
+        emulated = fp8_attn.fp8_emulation_kernels().fwd(q, k, v, 1 / math.sqrt(q.shape[-1]))[0]
     np.testing.assert_allclose(cross, exact, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(self_, emulated, rtol=1e-6, atol=1e-6)
     assert _rel(self_, exact) > 1e-3  # it did round through fp8
@@ -132,9 +134,9 @@ def test_fp8_refuses_where_it_cannot_run():
     q = jnp.zeros((1, 100, 2, 128), jnp.bfloat16)
     k = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
     with pytest.raises(attn.AttentionBackendError, match="multiple of 64"):
-        attn.check_fp8_shape(q, k)
+        fp8_attn.check_fp8_shape(q, k)
     with pytest.raises(attn.AttentionBackendError, match="head_dim"):
-        attn.check_fp8_shape(jnp.zeros((1, 128, 2, 64), jnp.bfloat16), jnp.zeros((1, 128, 2, 64), jnp.bfloat16))
+        fp8_attn.check_fp8_shape(jnp.zeros((1, 128, 2, 64), jnp.bfloat16), jnp.zeros((1, 128, 2, 64), jnp.bfloat16))
     for name in ("fp8", "fp8_full"):
         with pytest.raises(attn.AttentionBackendError, match="Hopper"):
             attn.resolve_backend(name, jax.devices("cpu"))
@@ -172,8 +174,8 @@ def test_fp8_grad_amaxes_are_exact_when_every_row_is_sampled_and_a_lower_bound_o
     with jax.default_matmul_precision("highest"):
         grads, o, lse, scale = _dense_backward(do, q, k, v)
         true = np.array([float(jnp.max(jnp.abs(g))) for g in grads])
-        every = np.asarray(attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=q.shape[1]))
-        some = np.asarray(attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=16))
+        every = np.asarray(fp8_attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=q.shape[1]))
+        some = np.asarray(fp8_attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=16))
     np.testing.assert_allclose(every, true, rtol=1e-4)
     assert np.all(some <= true * (1 + 1e-5)), (some, true)
     assert np.all(some >= true / 4), (some, true)  # 16 of 128 rows / columns: within the margin's headroom
@@ -185,11 +187,11 @@ def test_fp8_full_backward_stays_within_e4m3_precision_at_any_magnitude(mags):
     gradients within ~10 % of exact whatever the magnitudes; dS itself, unscaled, would be lost to e4m3."""
     q, k, v, ct = _inputs(*mags[:3])
     do = ct * mags[3]
-    kernels = attn.fp8_full_emulation_kernels()
+    kernels = fp8_attn.fp8_full_emulation_kernels()
     with jax.default_matmul_precision("highest"):
         (ds, *exact), o, lse, scale = _dense_backward(do, q, k, v)
         got = kernels.bwd(do, q, k, v, o, lse, scale)
-        flat = jax.grad(lambda q, k, v: jnp.sum(attn.flash_attention(q, k, v, site="self_attn",
+        flat = jax.grad(lambda q, k, v: jnp.sum(flash.flash_attention(q, k, v, site="self_attn",
                                                                       kernels=kernels) * do),
                         argnums=(0, 1, 2))(q, k, v)  # the same backward through the custom_vjp
     for a, b in zip(got, exact):
@@ -209,10 +211,10 @@ def test_fp8_full_backward_binds_each_scale_where_xla_reads_it(monkeypatch):
 
     names = ("q", "k", "v", "o", "s", "do", "dp", "dq", "dk", "dv")
     scales = {n: 2.0 ** (i + 1) for i, n in enumerate(names)}
-    monkeypatch.setattr(attn, "fp8_backward_scales", lambda *a: scales)
+    monkeypatch.setattr(fp8_attn, "fp8_backward_scales", lambda *a: scales)
     x = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 2, 128), jnp.float32)
-    text = jax.jit(lambda do, q, k, v, o, lse: attn._cudnn_fp8_backward(do, q, k, v, o, lse, 0.1)).trace(
+    text = jax.jit(lambda do, q, k, v, o, lse: fp8_attn._cudnn_fp8_backward(do, q, k, v, o, lse, 0.1)).trace(
         x, x, x, x, x, lse).lower(lowering_platforms=("cuda",)).as_text()
     call = next(line for line in text.splitlines() if "fmhaSoftmaxBackwardF8" in line and "custom_call" in line)
     operands = re.search(r"custom_call @[^(]+\(([^)]*)\)", call).group(1).split(", ")
@@ -226,16 +228,16 @@ def test_fp8_full_backward_binds_each_scale_where_xla_reads_it(monkeypatch):
             op = defs[op]
         return consts[op]
 
-    want = [1 / scales[n[8:]] if n.startswith("descale_") else scales[n[6:]] for n in attn.FP8_BWD_SCALE_ORDER]
+    want = [1 / scales[n[8:]] if n.startswith("descale_") else scales[n[6:]] for n in fp8_attn.FP8_BWD_SCALE_ORDER]
     assert [value(op) for op in operands[6:]] == want
-    assert attn.FP8_BWD_SCALE_ORDER != attn.JAX_FP8_BWD_SCALE_ORDER
+    assert fp8_attn.FP8_BWD_SCALE_ORDER != fp8_attn.JAX_FP8_BWD_SCALE_ORDER
 
 
 def test_fp8_full_refuses_an_unchecked_jax():
-    attn.check_fp8_backward_jax("0.11.2")
-    attn.check_fp8_backward_jax("0.10.2")
+    fp8_attn.check_fp8_backward_jax("0.11.2")
+    fp8_attn.check_fp8_backward_jax("0.10.2")
     with pytest.raises(attn.AttentionBackendError, match="0.12.0"):
-        attn.check_fp8_backward_jax("0.12.0")
+        fp8_attn.check_fp8_backward_jax("0.12.0")
     assert attn.compiler_options("fp8_full") == attn.compiler_options("fa3")
 
 
@@ -243,19 +245,19 @@ def test_fp8_full_backward_reruns_when_an_estimate_let_a_gradient_saturate(monke
     """Sampled estimates 100x too low (a missed outlier row): the first pass saturates dS and dq/dk/dv at 448, the
     kernel's measured amaxes show it, and the rerun's gradients are as good as with right estimates."""
     q, k, v, ct = _inputs(1.0, 1.0, 1.0)
-    kernels = attn.fp8_full_emulation_kernels()
+    kernels = fp8_attn.fp8_full_emulation_kernels()
     with jax.default_matmul_precision("highest"):
         (_, *exact), o, lse, scale = _dense_backward(ct, q, k, v)
         good = kernels.bwd(ct, q, k, v, o, lse, scale)
-        real = attn.fp8_grad_amaxes
-        monkeypatch.setattr(attn, "fp8_grad_amaxes", lambda *a, **kw: real(*a, **kw) / 100)
+        real = fp8_attn.fp8_grad_amaxes
+        monkeypatch.setattr(fp8_attn, "fp8_grad_amaxes", lambda *a, **kw: real(*a, **kw) / 100)
         low = kernels.bwd(ct, q, k, v, o, lse, scale)
         runs = []
-        monkeypatch.setattr(attn, "fp8_backward_with_retry",
+        monkeypatch.setattr(fp8_attn, "fp8_backward_with_retry",
                             lambda run, sc: runs.append((*run(sc), sc)) or runs[0][0])
         saturated = kernels.bwd(ct, q, k, v, o, lse, scale)  # the first pass alone, no retry
     _, amax, sc = runs[0]
-    assert all(float(amax[n] * sc[n]) > 448 for n in attn.FP8_GRAD_NAMES)  # the measured amaxes show saturation
+    assert all(float(amax[n] * sc[n]) > 448 for n in fp8_attn.FP8_GRAD_NAMES)  # the measured amaxes show saturation
     for g, s_, b, e in zip(good, saturated, low, exact):
         assert _rel(g, e) < 0.12 and _rel(b, e) < 0.12
         assert _rel(s_, e) > 2 * _rel(b, e)  # what the rerun repaired
@@ -266,21 +268,21 @@ def test_fp8_backward_scales_estimate_the_gradients_once(monkeypatch, group_elem
     """One sampled-gradient pass per backward call: two exponentials (rows, columns), batched over all heads where
     they fit and inside one loop over head groups where they do not (a loop XLA would not merge if repeated)."""
     if group_elements is not None:  # every head its own group
-        monkeypatch.setattr(attn, "FP8_GRAD_GROUP_ELEMENTS", group_elements)
+        monkeypatch.setattr(fp8_attn, "FP8_GRAD_GROUP_ELEMENTS", group_elements)
     q, k, v, ct = _inputs(1.0, 1.0, 1.0)
-    o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
-    jaxpr = str(jax.make_jaxpr(lambda *a: attn.fp8_backward_scales(*a, 0.25))(ct, q, k, v, o, lse))
+    o, lse = flash.xla_kernels().fwd(q, k, v, 0.25)
+    jaxpr = str(jax.make_jaxpr(lambda *a: fp8_attn.fp8_backward_scales(*a, 0.25))(ct, q, k, v, o, lse))
     assert jaxpr.count(" exp ") == 2
     assert jaxpr.count("scan[") == (0 if group_elements is None else 1)
 
 
 def test_fp8_grad_amaxes_head_groups_give_the_same_estimate(monkeypatch):
     q, k, v, ct = _inputs(3.0, 0.5, 2.0)
-    o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
-    whole = np.asarray(attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
-    monkeypatch.setattr(attn, "FP8_GRAD_GROUP_ELEMENTS", 1)
-    assert attn._head_group(q.shape[0], q.shape[2], q.shape[1], 16) == 1
-    looped = np.asarray(attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
+    o, lse = flash.xla_kernels().fwd(q, k, v, 0.25)
+    whole = np.asarray(fp8_attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
+    monkeypatch.setattr(fp8_attn, "FP8_GRAD_GROUP_ELEMENTS", 1)
+    assert fp8_attn._head_group(q.shape[0], q.shape[2], q.shape[1], 16) == 1
+    looped = np.asarray(fp8_attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
     np.testing.assert_allclose(looped, whole, rtol=1e-5)
 
 
@@ -288,9 +290,9 @@ def test_fp8_grad_amaxes_of_bf16_inputs_match_their_f32_estimate():
     """bf16 inputs stay bf16 in the estimate's products (f32 accumulation, P and dS rounded to bf16 before their
     second product): the amaxes move by far less than the scales' headroom."""
     q, k, v, ct = (x.astype(jnp.bfloat16) for x in _inputs(3.0, 0.5, 2.0))
-    o, lse = attn.xla_kernels().fwd(q, k, v, 0.25)
-    got = np.asarray(attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
+    o, lse = flash.xla_kernels().fwd(q, k, v, 0.25)
+    got = np.asarray(fp8_attn.fp8_grad_amaxes(ct, q, k, v, o, lse, 0.25, samples=16))
     with jax.default_matmul_precision("highest"):
-        want = np.asarray(attn.fp8_grad_amaxes(*(x.astype(jnp.float32) for x in (ct, q, k, v, o)), lse, 0.25,
+        want = np.asarray(fp8_attn.fp8_grad_amaxes(*(x.astype(jnp.float32) for x in (ct, q, k, v, o)), lse, 0.25,
                                                samples=16))
     np.testing.assert_allclose(got, want, rtol=0.02)

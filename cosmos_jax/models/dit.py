@@ -29,7 +29,7 @@ from cosmos_jax.parallel.mesh import constrain, unsharded_activations, video_axe
 # ----------------------------------------------------------------------------------------------------------------
 # Activation checkpointing policies (chosen by name in the config)
 # ----------------------------------------------------------------------------------------------------------------
-# names the fa3 attention wrapper gives its kernel's saved tensors (ops/attention.py `_flash_fwd`), per call site
+# names the fa3 attention wrapper gives its kernel's saved tensors (ops/flash.py `_flash_fwd`), per call site
 FA3_SAVED = {site: (f"{site}_kernel_out", f"{site}_kernel_lse") for site in ("self_attn", "cross_attn")}
 
 
