@@ -100,8 +100,10 @@ def cudnn_fp8_fn(d: int, order: str = "xla"):
         return jnp.reshape(x, (1, 1, 1, 1)).astype(jnp.float32)
 
     def run(q, k, v, do, s):
-        # s: q, k, v, s (probabilities), o, do, dp, dq, dk, dv scales (x * scale -> fp8)
+        # s: q, k, v, s (probabilities), o, do, dp, dq, dk, dv scales (x * scale -> fp8) [, the backward's
+        # probability scale: the forward's where absent]
         sq, sk, sv, ss, so, sdo, sdp, sdq, sdk, sdv = (s[i] for i in range(10))
+        ssb = s[10] if s.shape[0] > 10 else ss
         q8, k8, v8 = quantize(q, sq), quantize(k, sk), quantize(v, sv)
         o8, amax_s, amax_o, stats = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
             q8, k8, v8, one(1 / sq), one(1 / sk), one(1 / sv), one(1 / ss), one(ss), one(so),
@@ -109,8 +111,8 @@ def cudnn_fp8_fn(d: int, order: str = "xla"):
         do8 = quantize(do, sdo)
         dq8, dk8, dv8, amax_dq, amax_dk, amax_dv, amax_dp = fa._dot_product_attention_fp8_bwd_p_wrapper.bind(
             q8, k8, v8, o8, do8, stats, *fp8_bwd_scale_operands(dict(
-                descale_q=one(1 / sq), descale_k=one(1 / sk), descale_v=one(1 / sv), descale_s=one(1 / ss),
-                descale_o=one(1 / so), descale_do=one(1 / sdo), descale_dp=one(1 / sdp), scale_s=one(ss),
+                descale_q=one(1 / sq), descale_k=one(1 / sk), descale_v=one(1 / sv), descale_s=one(1 / ssb),
+                descale_o=one(1 / so), descale_do=one(1 / sdo), descale_dp=one(1 / sdp), scale_s=one(ssb),
                 scale_dp=one(sdp), scale_dq=one(sdq), scale_dk=one(sdk), scale_dv=one(sdv)), order),
             scale=scale, use_causal_mask=False, layout=layout)
         deq = [dequantize(x, 1 / sc) for x, sc in ((o8, so), (dq8, sdq), (dk8, sdk), (dv8, sdv))]
@@ -125,6 +127,14 @@ def main():
     ap.add_argument("--shapes", default="4096x16,28800x16,57600x16", help="comma list of SxH")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--backends", default="", help="comma list of rows to run besides cuDNN bf16 (default: all)")
+    ap.add_argument("--grad_samples", default="", help="comma list: extra fp8_full rows (named fp8_full@N) with N "
+                    "sampled gradient rows/columns instead of ops.fp8_attention.FP8_GRAD_SAMPLES")
+    ap.add_argument("--dp_shifts", default="", help="comma list of k: extra cudnn_fp8_pow2@dpk rows whose dS (cuDNN's "
+                    "dP) scale is 2**k times the power of two from its true amax (k > 0 lets the largest values "
+                    "saturate: trades outliers for the small values' precision)")
+    ap.add_argument("--probs_from_amax", action="store_true", help="an extra cudnn_fp8_pow2@pamax row: the "
+                    "backward's (normalised) probabilities scaled from the forward's amax of them, as fp8_full "
+                    "does, instead of the forward's flash-form scale")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_fp8.jsonl")
     args = ap.parse_args()
     keep = set(filter(None, args.backends.split(",")))
@@ -139,6 +149,7 @@ def main():
 
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     rows = []
+    default_samples = fp8_attn.FP8_GRAD_SAMPLES
 
     def rel(a, b):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -174,7 +185,8 @@ def main():
 
         def attempt(mode, backend, body):
             """One row: body(row) -> (fn, fn_args, flops, outputs of fn's result); fn is run, checked and timed."""
-            if keep and backend not in keep and backend != "cudnn":  # cuDNN bf16: every row's baseline
+            if keep and backend not in keep and backend != "cudnn" and "@" not in backend:  # cuDNN bf16: every
+                # row's baseline; fp8_full@N rows: asked for by --grad_samples
                 return
             row = {"S": s, "H": h, "mode": mode, "backend": backend}
             try:
@@ -185,9 +197,14 @@ def main():
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
+            with open(os.path.join(args.out, "bench_fp8.jsonl"), "a") as fh:  # row by row: a cut-off run keeps them
+                fh.write(json.dumps(row) + "\n")
 
-        def product_op(b, grad):  # the net's attention op, fwd + bwd or forward only
+        def product_op(b, grad, samples=None):  # the net's attention op, fwd + bwd or forward only
             def body(row):
+                if samples is not None:  # traced below, inside this row: the estimate's sample count of this row
+                    fp8_attn.FP8_GRAD_SAMPLES = samples
+                    row["grad_samples"] = samples
                 if not grad:
                     f = jax.jit(lambda q, k, v: attn.local_attention(q, k, v, backend=b, site="self_attn"))
                     return f, (q, k, v), fwd_flops, lambda o: [o]
@@ -227,7 +244,7 @@ def main():
                 return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
             return body
 
-        def pow2_body(row, order):
+        def pow2_body(row, order, dp_shift=0, probs_from_amax=False):
             # q, k, v, o as the product's fp8 forward scales them (powers of two, v and o from amax(v) with its
             # headroom), probabilities at FP8_PROBS_SCALE, dO from its amax; first call: dP from the Cauchy-Schwarz
             # bound |dP_ij| <= |dO_i| |v_j| (current scaling, no state; its errors are the *_first_call fields),
@@ -248,6 +265,11 @@ def main():
             # second call: dP and dq/dk/dv from the first call's amax outputs (delayed scaling after one step)
             second = first.at[jnp.array([6, 7, 8, 9])].set(
                 jnp.stack([fp8_attn.fp8_scale(amaxes[i]) for i in (5, 2, 3, 4)]))
+            if dp_shift:
+                row["dp_shift"] = dp_shift
+                second = second.at[6].multiply(2.0 ** dp_shift)
+            if probs_from_amax:  # as ops.fp8_attention.fp8_backward_scales
+                second = jnp.concatenate([second, fp8_attn.fp8_scale(amaxes[0], fp8_attn.FP8_PROBS_BWD_MARGIN)[None]])
             return run, (q, k, v, ct, second), 3.5 * fwd_flops, lambda r: r[:4]
 
         def cudnn_fp8_unit(row):
@@ -260,18 +282,22 @@ def main():
             attempt("fwd+bwd", b, product_op(b, grad=True))
         attempt("fwd+bwd", "cudnn_fp8", cudnn_fp8_delayed("xla"))
         attempt("fwd+bwd", "cudnn_fp8_pow2", cudnn_fp8_delayed("xla", pow2=True))
+        for kk in filter(None, args.dp_shifts.split(",")):
+            attempt("fwd+bwd", f"cudnn_fp8_pow2@dp{kk}", lambda row, kk=kk: pow2_body(row, "xla", int(kk)))
+        if args.probs_from_amax:
+            attempt("fwd+bwd", "cudnn_fp8_pow2@pamax", lambda row: pow2_body(row, "xla", probs_from_amax=True))
         attempt("fwd+bwd", "cudnn_fp8_jaxorder", cudnn_fp8_delayed("jax"))
         attempt("fwd+bwd", "cudnn_fp8_unit", cudnn_fp8_unit)
         attempt("fwd+bwd", "fp8", product_op("fp8", grad=True))
-        attempt("fwd+bwd", "fp8_full", product_op("fp8_full", grad=True))
+        attempt("fwd+bwd", "fp8_full", product_op("fp8_full", grad=True, samples=default_samples))
+        for n in filter(None, args.grad_samples.split(",")):
+            attempt("fwd+bwd", f"fp8_full@{n}", product_op("fp8_full", grad=True, samples=int(n)))
+        fp8_attn.FP8_GRAD_SAMPLES = default_samples
         for b in ("cudnn", "fa3"):
             attempt("fwd", b, product_op(b, grad=False))
         attempt("fwd", "fp8", product_op("fp8", grad=False))
         attempt("fwd", "fa3_fp8", fa3_fp8_fwd)
 
-    with open(os.path.join(args.out, "bench_fp8.jsonl"), "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
     print(f"\n{'S x H':>12} {'mode':>7} {'backend':>9} {'ms':>8} {'TFLOP/s':>8} {'x cudnn':>8} {'vs':>10} "
           f"{'out err':>8} {'grad err':>8}")
     for r in rows:

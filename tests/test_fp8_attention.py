@@ -6,8 +6,11 @@ cuDNN's fp8 kernel itself only runs on Hopper GPUs: bench/bench_fp8.py measures 
 bench/fp8_loss_curve.py compares training curves.
 """
 
+import contextlib
 import dataclasses
+import io
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +153,8 @@ def test_fp8_refuses_where_it_cannot_run():
 
 
 def _dense_backward(do, q, k, v):
-    """Everything of one exact attention backward, written out densely: (dS * scale, dq, dk, dv), o, lse."""
+    """Everything of one exact attention backward, written out densely: (dS * scale, dq, dk, dv), o, lse, the
+    softmax scale and the probabilities' amax."""
     f32 = jnp.float32
     scale = 1 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(f32) * scale
@@ -164,7 +168,7 @@ def _dense_backward(do, q, k, v):
     dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)  # autodiff of the plain op: not the code under test
     dp = jnp.einsum("bqhd,bkhd->bhqk", do, v)
     ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale  # rowsum(dO o O) = sum_k P dP
-    return (ds, dq, dk, dv), o, lse, scale
+    return (ds, dq, dk, dv), o, lse, scale, jnp.max(p)
 
 
 @pytest.mark.parametrize("mags", [(1.0, 1.0, 1.0, 1.0), (3e3, 1 / 3e3, 2e4, 1e-4), (1e-4, 1e4, 1e-5, 1e3)])
@@ -172,7 +176,7 @@ def test_fp8_grad_amaxes_are_exact_when_every_row_is_sampled_and_a_lower_bound_o
     q, k, v, ct = _inputs(*mags[:3])
     do = ct * mags[3]
     with jax.default_matmul_precision("highest"):
-        grads, o, lse, scale = _dense_backward(do, q, k, v)
+        grads, o, lse, scale, _ = _dense_backward(do, q, k, v)
         true = np.array([float(jnp.max(jnp.abs(g))) for g in grads])
         every = np.asarray(fp8_attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=q.shape[1]))
         some = np.asarray(fp8_attn.fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples=16))
@@ -189,8 +193,8 @@ def test_fp8_full_backward_stays_within_e4m3_precision_at_any_magnitude(mags):
     do = ct * mags[3]
     kernels = fp8_attn.fp8_full_emulation_kernels()
     with jax.default_matmul_precision("highest"):
-        (ds, *exact), o, lse, scale = _dense_backward(do, q, k, v)
-        got = kernels.bwd(do, q, k, v, o, lse, scale)
+        (ds, *exact), o, lse, scale, amax_p = _dense_backward(do, q, k, v)
+        got = kernels.bwd(do, q, k, v, o, lse, scale, amax_p)
         flat = jax.grad(lambda q, k, v: jnp.sum(flash.flash_attention(q, k, v, site="self_attn",
                                                                       kernels=kernels) * do),
                         argnums=(0, 1, 2))(q, k, v)  # the same backward through the custom_vjp
@@ -214,7 +218,7 @@ def test_fp8_full_backward_binds_each_scale_where_xla_reads_it(monkeypatch):
     monkeypatch.setattr(fp8_attn, "fp8_backward_scales", lambda *a: scales)
     x = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 2, 128), jnp.float32)
-    text = jax.jit(lambda do, q, k, v, o, lse: fp8_attn._cudnn_fp8_backward(do, q, k, v, o, lse, 0.1)).trace(
+    text = jax.jit(lambda do, q, k, v, o, lse: fp8_attn._cudnn_fp8_backward(do, q, k, v, o, lse, 0.1, 0.5)).trace(
         x, x, x, x, x, lse).lower(lowering_platforms=("cuda",)).as_text()
     call = next(line for line in text.splitlines() if "fmhaSoftmaxBackwardF8" in line and "custom_call" in line)
     operands = re.search(r"custom_call @[^(]+\(([^)]*)\)", call).group(1).split(", ")
@@ -247,15 +251,15 @@ def test_fp8_full_backward_reruns_when_an_estimate_let_a_gradient_saturate(monke
     q, k, v, ct = _inputs(1.0, 1.0, 1.0)
     kernels = fp8_attn.fp8_full_emulation_kernels()
     with jax.default_matmul_precision("highest"):
-        (_, *exact), o, lse, scale = _dense_backward(ct, q, k, v)
-        good = kernels.bwd(ct, q, k, v, o, lse, scale)
+        (_, *exact), o, lse, scale, amax_p = _dense_backward(ct, q, k, v)
+        good = kernels.bwd(ct, q, k, v, o, lse, scale, amax_p)
         real = fp8_attn.fp8_grad_amaxes
         monkeypatch.setattr(fp8_attn, "fp8_grad_amaxes", lambda *a, **kw: real(*a, **kw) / 100)
-        low = kernels.bwd(ct, q, k, v, o, lse, scale)
+        low = kernels.bwd(ct, q, k, v, o, lse, scale, amax_p)
         runs = []
         monkeypatch.setattr(fp8_attn, "fp8_backward_with_retry",
                             lambda run, sc: runs.append((*run(sc), sc)) or runs[0][0])
-        saturated = kernels.bwd(ct, q, k, v, o, lse, scale)  # the first pass alone, no retry
+        saturated = kernels.bwd(ct, q, k, v, o, lse, scale, amax_p)  # the first pass alone, no retry
     _, amax, sc = runs[0]
     assert all(float(amax[n] * sc[n]) > 448 for n in fp8_attn.FP8_GRAD_NAMES)  # the measured amaxes show saturation
     for g, s_, b, e in zip(good, saturated, low, exact):
@@ -271,7 +275,7 @@ def test_fp8_backward_scales_estimate_the_gradients_once(monkeypatch, group_elem
         monkeypatch.setattr(fp8_attn, "FP8_GRAD_GROUP_ELEMENTS", group_elements)
     q, k, v, ct = _inputs(1.0, 1.0, 1.0)
     o, lse = flash.xla_kernels().fwd(q, k, v, 0.25)
-    jaxpr = str(jax.make_jaxpr(lambda *a: fp8_attn.fp8_backward_scales(*a, 0.25))(ct, q, k, v, o, lse))
+    jaxpr = str(jax.make_jaxpr(lambda *a: fp8_attn.fp8_backward_scales(*a, 0.25, 0.5))(ct, q, k, v, o, lse))
     assert jaxpr.count(" exp ") == 2
     assert jaxpr.count("scan[") == (0 if group_elements is None else 1)
 
@@ -296,3 +300,37 @@ def test_fp8_grad_amaxes_of_bf16_inputs_match_their_f32_estimate():
         want = np.asarray(fp8_attn.fp8_grad_amaxes(*(x.astype(jnp.float32) for x in (ct, q, k, v, o)), lse, 0.25,
                                                samples=16))
     np.testing.assert_allclose(got, want, rtol=0.02)
+
+
+def test_fp8_full_backward_scales_the_probabilities_from_the_forwards_amax():
+    """The backward recomputes the probabilities normalised (~1/S where attention is spread: 5e-6 at 7 views), far
+    below the forward's flash-form scale; their scale comes from the forward's amax of them (the emulated forward
+    returns the true one), one power of two below 448 / amax."""
+    q, k, v, ct = _inputs(2.0, 1.0, 1.0)
+    with jax.default_matmul_precision("highest"):
+        _, o, lse, scale, amax_p = _dense_backward(ct, q, k, v)
+        fwd_amax = fp8_attn.fp8_full_emulation_kernels().fwd(q, k, v, scale)[2]
+    assert abs(float(fwd_amax) / float(amax_p) - 1) < 0.1  # the forward rounds q and k through e4m3
+    sc = fp8_attn.fp8_backward_scales(ct, q, k, v, o, lse, scale, jnp.float32(0.0039))
+    assert float(sc["s"]) == 2.0 ** 15  # 0.0039 * 2**15 = 128 <= 448 / 2 < 0.0039 * 2**16
+    assert float(fp8_attn.fp8_backward_scales(ct, q, k, v, o, lse, scale, jnp.float32(1.0))["s"]) == 128.0
+
+
+def test_fp8_full_saves_the_probability_amax_with_the_kernel_outputs():
+    """The remat policies that keep the kernel's output and log-sum-exp keep fp8_full's amax too (named
+    `self_attn_kernel_aux`): otherwise its backward would rerun the fp8 forward to get it."""
+    from cosmos_jax.models import dit as dit_lib
+
+    q, k, v, ct = _inputs(1.0, 1.0, 1.0)
+    kernels = fp8_attn.fp8_full_emulation_kernels()
+
+    def loss(q, k, v):
+        return jnp.sum(flash.flash_attention(q, k, v, site="self_attn", kernels=kernels) * ct)
+
+    for name in ("save_attention", "save_self_attention"):
+        policy = dit_lib.remat_policy(name, backend="fp8_full")
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), q, k, v)
+        names = set(re.findall(r"named '([^']+)'", text.getvalue()))
+        assert {"self_attn_kernel_aux", "self_attn_kernel_lse", "self_attn_kernel_out"} <= names, (name, names)

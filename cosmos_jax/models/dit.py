@@ -30,7 +30,9 @@ from cosmos_jax.parallel.mesh import constrain, unsharded_activations, video_axe
 # Activation checkpointing policies (chosen by name in the config)
 # ----------------------------------------------------------------------------------------------------------------
 # names the fa3 attention wrapper gives its kernel's saved tensors (ops/flash.py `_flash_fwd`), per call site
-FA3_SAVED = {site: (f"{site}_kernel_out", f"{site}_kernel_lse") for site in ("self_attn", "cross_attn")}
+# (`*_kernel_aux`: fp8_full's probability amax, a scalar per call)
+FA3_SAVED = {site: (f"{site}_kernel_out", f"{site}_kernel_lse", f"{site}_kernel_aux")
+             for site in ("self_attn", "cross_attn")}
 
 
 def _is_attention_forward(prim, *_, **__) -> bool:

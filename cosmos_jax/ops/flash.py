@@ -34,8 +34,10 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 class Kernels(NamedTuple):
-    """A flash-attention kernel pair: fwd(q, k, v, softmax_scale) -> (out [B,S,H,D], lse f32 [B,H,S]);
-    bwd(dout, q, k, v, out, lse, softmax_scale) -> (dq, dk, dv)."""
+    """A flash-attention kernel pair: fwd(q, k, v, softmax_scale) -> (out [B,S,H,D], lse f32 [B,H,S], *aux);
+    bwd(dout, q, k, v, out, lse, softmax_scale, *aux) -> (dq, dk, dv). `aux`: what else the backward needs from
+    the forward, small f32 arrays (fp8_full: the forward's amax of the probabilities), named `<site>_kernel_aux`
+    like the output and the log-sum-exp; most kernels have none."""
     fwd: Callable
     bwd: Callable
 
@@ -118,15 +120,16 @@ def _flash(q, k, v, site: str, kernels: Kernels):
 
 
 def _flash_fwd(q, k, v, site, kernels):
-    out, lse = kernels.fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    out, lse, *aux = kernels.fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
     out = checkpoint_name(out, f"{site}_kernel_out")
     lse = checkpoint_name(lse, f"{site}_kernel_lse")
-    return out, (q, k, v, out, lse)
+    aux = tuple(checkpoint_name(a, f"{site}_kernel_aux") for a in aux)
+    return out, (q, k, v, out, lse, aux)
 
 
 def _flash_bwd(site, kernels, res, dout):
-    q, k, v, out, lse = res
-    return tuple(kernels.bwd(dout, q, k, v, out, lse, 1.0 / math.sqrt(q.shape[-1])))
+    q, k, v, out, lse, aux = res
+    return tuple(kernels.bwd(dout, q, k, v, out, lse, 1.0 / math.sqrt(q.shape[-1]), *aux))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -66,16 +66,19 @@ def _fp8_scalar(x):
 
 
 def _cudnn_fp8_forward(q, k, v, scale):
-    """cuDNN's fp8 flash-attention forward -> (out in q's dtype, softmax log-sum-exp f32 [B, H, S])."""
+    """cuDNN's fp8 flash-attention forward -> (out in q's dtype, softmax log-sum-exp f32 [B, H, S], amax of the
+    probabilities f32 []: the kernel's own measure of softmax(q k^T scale), what fp8_full's backward scales its
+    recomputed probabilities by)."""
     from jax._src.cudnn import fused_attention_stablehlo as fa  # JAX has no public fp8 attention with statistics
 
     sq, sk, sv, so = fp8_input_scales(q, k, v)
     ss = jnp.float32(FP8_PROBS_SCALE)
-    o8, _, _, stats = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
+    o8, amax_p, _, stats = fa._dot_product_attention_fp8_fwd_p_wrapper.bind(
         fp8_quantize(q, sq), fp8_quantize(k, sk), fp8_quantize(v, sv), _fp8_scalar(1 / sq), _fp8_scalar(1 / sk), _fp8_scalar(1 / sv),
         _fp8_scalar(1 / ss), _fp8_scalar(ss), _fp8_scalar(so), scale=float(scale), use_causal_mask=False,
         layout=fa.AttentionLayout.BTNH.value, is_training=True)
-    return (o8.astype(jnp.float32) / so).astype(q.dtype), stats.reshape(q.shape[0], q.shape[2], q.shape[1])
+    return ((o8.astype(jnp.float32) / so).astype(q.dtype), stats.reshape(q.shape[0], q.shape[2], q.shape[1]),
+            jnp.max(amax_p).astype(jnp.float32))
 
 
 def _fp8_backward(do, q, k, v, o, lse, scale):
@@ -85,7 +88,7 @@ def _fp8_backward(do, q, k, v, o, lse, scale):
 
 def fp8_kernels() -> Kernels:
     """The fp8 backend's kernel pair: cuDNN fp8 forward, FA3 bf16 backward from its statistics."""
-    return Kernels(fwd=_cudnn_fp8_forward, bwd=_fp8_backward)
+    return Kernels(fwd=lambda q, k, v, scale: _cudnn_fp8_forward(q, k, v, scale)[:2], bwd=_fp8_backward)
 
 
 # fp8 backward (cuDNN): the fp8_full backend
@@ -106,8 +109,16 @@ FP8_BWD_JAX_VERSIONS = ("0.10.", "0.11.")
 # Gradient scales are estimated per call from exact gradients of FP8_GRAD_SAMPLES strided query rows and key
 # columns (about 1.6 * samples / S of the backward's FLOPs), with FP8_GRAD_MARGIN powers of two of headroom for
 # the rows and columns not sampled; where a tensor saturates anyway, the call is rerun (fp8_backward_with_retry).
-FP8_GRAD_SAMPLES = 128
+# 64: on an H200 (bench/bench_fp8.py --grad_samples, h200_fp8_grad_samples.jsonl) 64 rows gave the same errors as
+# 128 at 1.224x instead of 1.198x cuDNN bf16 (28,800 x 16); 32 missed the peaks and paid the rerun on every call.
+FP8_GRAD_SAMPLES = 64
 FP8_GRAD_MARGIN = 2
+# The backward recomputes the probabilities normalised (exp(s - lse): ~1/S where attention is spread), not in the
+# forward's flash form that peaks at 1: at FP8_PROBS_SCALE most of them fell below e4m3's smallest subnormal at the
+# 7-view length (gradient error 0.19 at 201,600 tokens, 7e-2 at 28,800, H200, h200_fp8_dp_shift.jsonl; scaling dS
+# up did not change it). They are scaled from the forward kernel's exact amax of them instead, with
+# FP8_PROBS_BWD_MARGIN powers of two of headroom (the backward recomputes them from the same fp8 q, k and lse).
+FP8_PROBS_BWD_MARGIN = 1
 FP8_GRAD_NAMES = ("dp", "dq", "dk", "dv")  # the scales chosen from estimates, in fp8_grad_amaxes' order (dp: cuDNN's
 #                                           name for dS * softmax scale)
 
@@ -134,15 +145,17 @@ def _head_group(batch: int, heads: int, seq: int, samples: int) -> int:
                 <= FP8_GRAD_GROUP_ELEMENTS] or [1])
 
 
-def fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples: int = FP8_GRAD_SAMPLES):
+def fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples: int | None = None):
     """Estimated amax of (dS * scale, dq, dk, dv) of one attention backward, dS = P o (dP - rowsum(dO o O)) (what
     cuDNN's fp8 backward scales with its "dP" scale: its amax output matched amax(dS * scale) on an H200): exact
     dq and dS rows for `samples` strided queries, exact dk, dv and dS columns for `samples` strided keys, from the
     forward's log-sum-exp. Products of the inputs' own dtype accumulate in f32 (bf16 inputs are not copied to f32);
     P and dS are rounded to that dtype before their second product, which moves an amax by < 1 %, far inside the
     scales' headroom. Heads are batched in groups whose [B, g, S, samples] f32 blocks fit FP8_GRAD_GROUP_ELEMENTS
-    (all heads at once at the DiT's one-GPU 1-2 view lengths; a loop over groups beyond). f32 [4]."""
+    (all heads at once at the DiT's one-GPU 1-2 view lengths; a loop over groups beyond). `samples`: default
+    FP8_GRAD_SAMPLES, read when traced. f32 [4]."""
     f32 = jnp.float32
+    samples = FP8_GRAD_SAMPLES if samples is None else samples
     b, sq, h, _ = q.shape
     rows, cols = _strided(sq, samples), _strided(k.shape[1], samples)
     g = _head_group(b, h, max(sq, k.shape[1]), samples)
@@ -175,13 +188,15 @@ def fp8_grad_amaxes(do, q, k, v, o, lse, scale, samples: int = FP8_GRAD_SAMPLES)
     return jnp.max(jax.lax.map(nth, jnp.arange(h // g)), axis=0)
 
 
-def fp8_backward_scales(do, q, k, v, o, lse, scale) -> dict:
-    """Scales of one fp8 backward call: q, k, v, o and the probabilities as the forward had them (so the fp8 values
-    are the forward's), dO from its amax, dS and dq/dk/dv from `fp8_grad_amaxes` with FP8_GRAD_MARGIN. Names as in
-    FP8_BWD_SCALE_ORDER (scale_*: x * scale -> fp8)."""
+def fp8_backward_scales(do, q, k, v, o, lse, scale, amax_p) -> dict:
+    """Scales of one fp8 backward call: q, k, v, o as the forward had them (so the fp8 values are the forward's),
+    the normalised probabilities from the forward's amax of them (`amax_p`, FP8_PROBS_BWD_MARGIN), dO from its
+    amax, dS and dq/dk/dv from `fp8_grad_amaxes` with FP8_GRAD_MARGIN. Names as in FP8_BWD_SCALE_ORDER
+    (scale_*: x * scale -> fp8)."""
     sq, sk, sv, so = fp8_input_scales(q, k, v)
     est = fp8_grad_amaxes(do, q, k, v, o, lse, scale)  # one estimate (a loop XLA would not merge if repeated)
-    return {"q": sq, "k": sk, "v": sv, "o": so, "s": jnp.float32(FP8_PROBS_SCALE), "do": fp8_scale(_amax(do)),
+    return {"q": sq, "k": sk, "v": sv, "o": so, "s": fp8_scale(amax_p, FP8_PROBS_BWD_MARGIN),
+            "do": fp8_scale(_amax(do)),
             **{n: fp8_scale(est[i], FP8_GRAD_MARGIN) for i, n in enumerate(FP8_GRAD_NAMES)}}
 
 
@@ -203,14 +218,14 @@ def fp8_backward_with_retry(run, sc: dict):
     return jax.lax.cond(over, again, lambda _: grads, None)
 
 
-def _cudnn_fp8_backward(do, q, k, v, o, lse, scale):
+def _cudnn_fp8_backward(do, q, k, v, o, lse, scale, amax_p):
     """cuDNN's fp8 flash-attention backward (JAX's primitive, its scale operands placed for XLA) -> bf16 dq, dk, dv.
     q, k, v, o are re-quantised with the forward's power-of-two scales, which reproduces the forward's fp8 values
-    exactly; the forward's log-sum-exp is the kernel's softmax statistics. Saturation is caught from the kernel's
-    amax outputs (`fp8_backward_with_retry`)."""
+    exactly; the forward's log-sum-exp is the kernel's softmax statistics, `amax_p` its amax of the probabilities.
+    Saturation is caught from the kernel's amax outputs (`fp8_backward_with_retry`)."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
-    sc = fp8_backward_scales(do, q, k, v, o, lse, scale)
+    sc = fp8_backward_scales(do, q, k, v, o, lse, scale, amax_p)
     # quantised once: a rerun changes only the gradient scales
     x8 = {n: fp8_quantize(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do))}
     stats = lse.astype(jnp.float32)
@@ -234,19 +249,23 @@ def fp8_full_kernels() -> Kernels:
     return Kernels(fwd=_cudnn_fp8_forward, bwd=_cudnn_fp8_backward)
 
 
+def _fp8_emulation_forward(q, k, v, scale):
+    """The fp8 forward in plain XLA: q, k, v and the output rounded through e4m3 with the kernel's scales, exact
+    attention in between -> (out, lse, amax of the probabilities, as the cuDNN forward returns them)."""
+    sq, sk, sv, so = fp8_input_scales(q, k, v)
+    rt = [(fp8_quantize(x, s).astype(jnp.float32) / s).astype(x.dtype) for x, s in ((q, sq), (k, sk), (v, sv))]
+    out, lse = flash.xla_kernels().fwd(*rt, scale)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", rt[0], rt[1], preferred_element_type=jnp.float32) * scale
+    amax_p = jnp.max(jnp.exp(logits - lse[..., None]))
+    return (fp8_quantize(out, so).astype(jnp.float32) / so).astype(q.dtype), lse, amax_p
+
+
 def fp8_emulation_kernels() -> Kernels:
-    """The fp8 backend's arithmetic in plain XLA (any device): q, k, v and the output rounded through e4m3 with the
-    same scales, exact attention in between, the exact backward. CPU tests check the scaling against it; it does
-    not model the kernel's own rounding of the probabilities."""
-    exact = flash.xla_kernels()
-
-    def fwd(q, k, v, scale):
-        sq, sk, sv, so = fp8_input_scales(q, k, v)
-        rt = [(fp8_quantize(x, s).astype(jnp.float32) / s).astype(x.dtype) for x, s in ((q, sq), (k, sk), (v, sv))]
-        out, lse = exact.fwd(*rt, scale)
-        return (fp8_quantize(out, so).astype(jnp.float32) / so).astype(q.dtype), lse
-
-    return Kernels(fwd=fwd, bwd=exact.bwd)
+    """The fp8 backend's arithmetic in plain XLA (any device): the emulated fp8 forward (`_fp8_emulation_forward`)
+    and the exact backward. CPU tests check the scaling against it; it does not model the kernel's own rounding of
+    the probabilities."""
+    return Kernels(fwd=lambda q, k, v, scale: _fp8_emulation_forward(q, k, v, scale)[:2],
+                   bwd=flash.xla_kernels().bwd)
 
 
 def fp8_full_emulation_kernels() -> Kernels:
@@ -258,8 +277,8 @@ def fp8_full_emulation_kernels() -> Kernels:
     def rt(x, s):  # through e4m3 and back
         return fp8_quantize(x, s).astype(f32) / s
 
-    def bwd(do, q, k, v, o, lse, scale):
-        sc = fp8_backward_scales(do, q, k, v, o, lse, scale)
+    def bwd(do, q, k, v, o, lse, scale, amax_p):
+        sc = fp8_backward_scales(do, q, k, v, o, lse, scale, amax_p)
         q8, k8, v8, o8, do8 = (rt(x, sc[n]) for n, x in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do)))
 
         def run(scales):  # as the kernel: gradients and the amaxes of dS * scale, dq, dk, dv before their rounding
@@ -275,7 +294,7 @@ def fp8_full_emulation_kernels() -> Kernels:
 
         return fp8_backward_with_retry(run, sc)
 
-    return Kernels(fwd=fp8_emulation_kernels().fwd, bwd=bwd)
+    return Kernels(fwd=_fp8_emulation_forward, bwd=bwd)
 
 
 FP8_SEQ_MULTIPLE = 64
