@@ -14,9 +14,12 @@ Rows per shape S x H (q, k, v [1, S, H, 128], unit-normal bf16; cotangent unit-n
            dP from a Cauchy-Schwarz bound in the first call, dP and dq/dk/dv delayed in the timed one) |
            cudnn_fp8_unit (the same primitives with every scale 1, as JAX's own fp8 test calls them: tells a wrong
            scale plumbing here from a wrong kernel) |
+           cudnn_fp8_pow2@dpK (--dp_shifts: its dS scale 2**K larger) | cudnn_fp8_pow2@pamax (--probs_from_amax:
+           the backward's normalised probabilities scaled from the forward's amax of them, as fp8_full does) |
            fp8 (the product's backend, ops/fp8_attention.py: cuDNN fp8 forward with per-call power-of-two scales,
            FA3's bf16 backward from its softmax statistics) | fp8_full (the product's all-fp8 backend: the same
-           forward, cuDNN's fp8 backward with per-call scales from sampled gradient rows and columns)
+           forward, cuDNN's fp8 backward with per-call scales from sampled gradient rows and columns) |
+           fp8_full@N (--grad_samples: N sampled rows / columns instead of FP8_GRAD_SAMPLES)
   fwd      cudnn | fa3 | fp8 (the same backend's forward: what inference runs) |
            fa3_fp8 (the flash-attn3-jax wheel's FFI target called with e4m3 q, k, v and descales)
 Errors are relative L2 norms of the output and the worst of dq, dk, dv: against an fp32 XLA reference where S is

@@ -7,15 +7,17 @@ attention that returns the softmax statistics), as `flash.Kernels` pairs for `fl
             state is carried between steps.
   fp8_full  the same forward and cuDNN's fp8 backward, its 12 scale operands placed as XLA reads them
             (FP8_BWD_SCALE_ORDER: JAX 0.10-0.11's own order gives garbage gradients). Stateless too: q, k, v, o
-            re-quantised as the forward had them, dO from its amax, dS and dq/dk/dv from exact gradients of 128
-            strided query rows and key columns with two powers of two of headroom (`fp8_grad_amaxes`); where the
-            kernel's own amax outputs show a tensor saturated, the backward runs again with scales from them
-            (`fp8_backward_with_retry`).
+            re-quantised as the forward had them, the backward's normalised probabilities from the forward
+            kernel's amax of them (a kernel residual, `Kernels` aux), dO from its amax, dS and dq/dk/dv from exact
+            gradients of FP8_GRAD_SAMPLES strided query rows and key columns with two powers of two of headroom
+            (`fp8_grad_amaxes`); where the kernel's own amax outputs show a tensor saturated, the backward runs
+            again with scales from them (`fp8_backward_with_retry`).
 
-Measured (bench/bench_fp8.py, README): the forward's output error is ~5 % (the e4m3 output), against 0.2 % for bf16;
-fp8 fwd+bwd 1.14-1.20x cuDNN bf16 at 9e-3 gradient error, fp8_full 1.24x at 7e-2 (the bare kernel with delayed
-scales 1.27-1.31x; the difference is the per-call gradient estimate). `*_emulation_kernels` are the same arithmetic
-in plain XLA for CPU tests. Sequences must be multiples of 64 (no padding mask) and head_dim 128.
+Measured (bench/bench_fp8.py, README): the forward's output error is 3-5 % (the e4m3 output), against 0.2 % for
+bf16; fp8 fwd+bwd 1.15-1.17x cuDNN bf16 at ~1e-2 gradient error; fp8_full 1.22x (28,800 tokens) to 1.26-1.28x
+(57,600-201,600) at 7e-2 gradient error up to 57,600 tokens and 0.19 at 201,600 with the probabilities at the
+forward's scale (the amax scaling that replaced it has not run on a GPU yet). `*_emulation_kernels` are the same
+arithmetic in plain XLA for CPU tests. Sequences must be multiples of 64 (no padding mask) and head_dim 128.
 """
 
 from __future__ import annotations
