@@ -57,13 +57,20 @@ def init_params(cfg: DiTConfig, mesh, *, seed: int = 0, weights: str = ""):
     checkpoint of ours: its regular weights). It must match `cfg` (shapes, and the RoPE buffer variant
     `cfg.rope_ranges_bf16`); nothing in `cfg` is taken from the file.
     """
+    if weights:
+        return place_params(load_network_params(weights, cfg)[0], cfg, mesh)
     abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(seed)))
     shardings = mesh_lib.param_shardings(abstract_boxed, mesh)
-    if weights:
-        numpy_params, _ = load_network_params(weights, cfg)
-        return jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params, shardings)
     init = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(seed))), out_shardings=shardings)
     return init()
+
+
+def place_params(numpy_params, cfg: DiTConfig, mesh):
+    """Host parameters (the full Flax tree, e.g. from `load_network_params`) as `cfg.param_dtype` arrays sharded
+    on `mesh` by the logical rules."""
+    abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(0)))
+    shardings = mesh_lib.param_shardings(abstract_boxed, mesh)
+    return jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params, shardings)
 
 
 # Reference `freeze_base_model` (transfer2 model L568-637): everything of `net` is frozen except these modules.
@@ -175,5 +182,6 @@ def load_network_params(path, cfg: DiTConfig, *, ema: bool = False, step: int | 
 
     to_f32(params)
     export_lib.check_tree(params, export_lib.param_shapes(cfg), where)
-    info.update(format="orbax", step=found)
+    stats = ckpt_lib.read_stats(ckpt_lib.resolve_step_dir(ref.path, found))
+    info.update(format="orbax", step=found, extras=stats["net_ema" if ema else "net"] if stats else {})
     return params, info

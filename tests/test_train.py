@@ -108,6 +108,8 @@ def test_killed_run_resumes_bit_identically(run50, tmp_path):
     assert first["end_step"] == 4
     second = trainer.train(config)
     assert second["start_step"] == 3 and second["end_step"] == 6
+    # the reference bookkeeping resumes with the state: samples of steps 1-3 (saved) + 4-6
+    assert second["stats"]["net"]["accum_video_sample_counter"] == 6 * config.data.batch_size
     for step in range(6):
         got = second["losses"].get(step, first["losses"].get(step))
         assert got == full["losses"][step], f"step {step}: {got!r} vs uninterrupted {full['losses'][step]!r}"

@@ -9,6 +9,8 @@ On disk (one directory per saved step, named as the reference's `iter_{iteration
     trainer/   Orbax pytree: {"step", "rng" (key data, uint32), "nonfinite_steps"}
     data/      Grain iterator position, one JSON file per process (absent when no iterator was given)
     config/    the resolved run config as JSON
+    stats/     the reference's accum_* bookkeeping of net and net_ema as JSON (training/train_stats.py; absent in
+               checkpoints written before it was kept)
     _CHECKPOINT_METADATA, commit_success.txt    (Orbax: saved items; the commit marker)
   latest_checkpoint.txt   "iter_XXXXXXXXX\n", rewritten (atomically, by process 0) once a step has committed
 ```
@@ -37,13 +39,15 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from cosmos_jax.training import train_stats
+
 STEP_PREFIX = "iter"
 STEP_DIGITS = 9
 LATEST_FILE = "latest_checkpoint.txt"
 COMMIT_MARKER = "commit_success.txt"   # Orbax's (atomicity_types.COMMIT_SUCCESS_FILE)
 STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata: lists the saved items
 STATE_ITEMS = ("model", "optim", "trainer")
-ITEMS = (*STATE_ITEMS, "data", "config")
+ITEMS = (*STATE_ITEMS, "data", "config", "stats")
 REQUIRED_ITEMS = ("model", "config")
 _PYTREE_FILES = ("_METADATA",)          # every Orbax pytree item has it; plus manifest.ocdbt when OCDBT is used
 _STEP_RE = re.compile(rf"{STEP_PREFIX}_(\d{{{STEP_DIGITS},}})")
@@ -240,9 +244,10 @@ class Checkpointer:
 
     # -- save
 
-    def save(self, step: int, state: Mapping[str, Any], *, data_iterator=None, config: Mapping, force: bool = False
-             ) -> None:
-        """Save `state` ({"model", "optim", "trainer"}; "model" required) at `step`.
+    def save(self, step: int, state: Mapping[str, Any], *, data_iterator=None, config: Mapping,
+             stats: Mapping | None = None, force: bool = False) -> None:
+        """Save `state` ({"model", "optim", "trainer"}; "model" required) at `step`, with the run's `config` and
+        the reference bookkeeping `stats` (train_stats) when given.
 
         Async saves return once the arrays are copied off the devices; the files are written in the background and
         `latest_checkpoint.txt` is updated once they have committed (at the next save, `wait()` or `close()`).
@@ -262,6 +267,8 @@ class Checkpointer:
         if data_iterator is not None:
             args["data"] = pipeline.checkpoint_save_args(data_iterator)
         args["config"] = ocp.args.JsonSave(config)
+        if stats is not None:
+            args["stats"] = ocp.args.JsonSave(train_stats.validate(stats, f"stats of step {step}"))
         if not self._mgr.save(step, args=ocp.args.Composite(**args), force=force):
             raise CheckpointError(f"Orbax declined to save step {step} in {self.directory} "
                                   f"(latest Orbax step: {self._mgr.latest_step()})")
@@ -383,6 +390,11 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------------ export
 
+def resolve_step_dir(path: str | os.PathLike, step: int | None) -> pathlib.Path:
+    """The step directory `read_model` reads for (path, step)."""
+    return _resolve_step_dir(path, step)[0]
+
+
 def _resolve_step_dir(path: str | os.PathLike, step: int | None) -> tuple[pathlib.Path, int]:
     p = pathlib.Path(path).absolute()
     if not p.is_dir():
@@ -414,6 +426,19 @@ def _tree_metadata(item_dir: pathlib.Path):
     md = _ocp().PyTreeCheckpointer().metadata(item_dir)
     md = getattr(md, "item_metadata", md)  # StepMetadata(item_metadata=TreeMetadata) in 0.12
     return getattr(md, "tree", md)
+
+
+def read_stats(step_dir: str | os.PathLike) -> dict | None:
+    """The reference bookkeeping saved with a step (train_stats: {"net": {...}, "net_ema": {...}}), or None where
+    the step has none (written before it was kept). A malformed item is a CheckpointError naming it."""
+    d = pathlib.Path(step_dir) / "stats"
+    if not d.is_dir():
+        return None
+    try:
+        raw = _ocp().Checkpointer(_ocp().JsonCheckpointHandler()).restore(d, args=_ocp().args.JsonRestore())
+        return train_stats.validate(raw, str(d))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"reading {d} failed: {type(e).__name__}: {e}") from e
 
 
 def read_model(path: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, int]:

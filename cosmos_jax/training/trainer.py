@@ -32,6 +32,7 @@ from cosmos_jax.training import flops as flops_lib
 from cosmos_jax.training import metrics as metrics_lib
 from cosmos_jax.training import optim
 from cosmos_jax.training import step as step_lib
+from cosmos_jax.training import train_stats
 
 # DiT config fields a resumed run must share with the run that wrote the checkpoint (execution fields such as
 # remat policy or attention backend may change between runs).
@@ -305,14 +306,26 @@ def train(config, *, stop_after: int | None = None) -> dict:
             # None: the latest complete step, falling back to the one before if it cannot be read
             state, saved_config = checkpointer.restore(None, target, data_iterator=data_it)
             _check_arch(saved_config, config, f"{ckpt_dir}")
+            start = int(jax.device_get(state["trainer"]["step"]))
+            stats = ckpt_lib.read_stats(checkpointer.step_dir(start))
+            if stats is None:  # a checkpoint from before the bookkeeping was kept: as if counted from zero
+                stats = train_stats.after_steps(train_stats.initial(), start, config.data.batch_size)
             if is_main:
-                print(f"resumed from {ckpt_dir} step {int(jax.device_get(state['trainer']['step']))}")
+                print(f"resumed from {ckpt_dir} step {start}")
         else:
-            # random, or model.weights: a reference .pt / DCP checkpoint / our Orbax checkpoint (regular weights)
-            params = build.init_params(dit_cfg, mesh, seed=config.seed, weights=config.model.weights)
+            # random, or model.weights: a reference .pt / DCP checkpoint / our Orbax checkpoint (regular weights),
+            # whose accum_* bookkeeping the run continues (train_stats)
+            if config.model.weights:
+                host_params, info = build.load_network_params(config.model.weights, dit_cfg)
+                params = build.place_params(host_params, dit_cfg, mesh)
+                del host_params
+                stats = train_stats.initial(info["extras"], config.model.weights)
+            else:
+                params = build.init_params(dit_cfg, mesh, seed=config.seed)
+                stats = train_stats.initial()
             state = jax.jit(init_fn, out_shardings=state_sh)(params)
             del params
-        start = int(jax.device_get(state["trainer"]["step"]))
+            start = int(jax.device_get(state["trainer"]["step"]))
 
         frozen_host = None
         if not config.data.cache_dir:
@@ -426,6 +439,7 @@ def train(config, *, stop_after: int | None = None) -> dict:
                 if held_out is None:
                     held_out = local  # the sample the periodic generations show (the first batch of this run)
                 state, metrics = step_fn(state, batch)
+                stats = train_stats.after_steps(stats, 1, config.data.batch_size)
                 if pending is not None:
                     finish(pending)
                 pending = _Pending(step, metrics, time.perf_counter())
@@ -434,7 +448,7 @@ def train(config, *, stop_after: int | None = None) -> dict:
                 if (step + 1) % config.trainer.save_iter == 0 or step + 1 == config.trainer.max_iter:
                     finish(pending)
                     pending = None
-                    checkpointer.save(step + 1, state, data_iterator=data_it, config=config_dict)
+                    checkpointer.save(step + 1, state, data_iterator=data_it, config=config_dict, stats=stats)
             if pending is not None:
                 finish(pending)
                 pending = None
@@ -447,4 +461,5 @@ def train(config, *, stop_after: int | None = None) -> dict:
                 pbar.close()
         summary["end_step"] = int(jax.device_get(state["trainer"]["step"]))
         summary["state"] = state
+        summary["stats"] = stats
         return summary

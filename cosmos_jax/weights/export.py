@@ -20,7 +20,9 @@ Sources (`detect_source`):
     reference's LowPrecisionCallback holds `net`) + the frozen base as stored; `net_ema.*` = the EMA in fp32, the
     frozen base upcast (the EMA of a frozen weight is the weight). RoPE buffers as the reference computes them
     (following `model.rope_ranges_bf16`; cast with the rest of `net` to its dtype, as `net.to(bf16)` does), the
-    `accum_*` bookkeeping scalars (0: our runs do not count them) and empty uint8 TE `_extra_state` entries, in the
+    `accum_*` bookkeeping scalars of each network as the run kept them (training/train_stats.py: the reference's
+    values continued from the starting weights; 0 for checkpoints written before they were kept) and empty uint8
+    TE `_extra_state` entries, in the
     reference's state-dict order: the key set of the reference converter's files for the same network.
 
 Files are written tensor by tensor (one tensor in memory beyond the source) by a streaming `torch.save`
@@ -367,6 +369,7 @@ def _open_orbax(ref: SourceRef, *, ema: bool) -> Source:
     if ema and "ema" not in model:
         raise ExportError(f"{step_dir}: holds no EMA weights (the run had ema.enabled=False); export with --no-ema")
     names = build.trainable_names(cfg)
+    stats = ckpt_lib.read_stats(step_dir) or {}  # {} -> zeros: a checkpoint from before the bookkeeping was kept
     check_tree(build.merge_params(model["trainable"], model["frozen"]), param_shapes(cfg), str(step_dir))
     if set(model["trainable"]) != set(names):
         raise keymap.WeightsError(f"{step_dir}: trainable weights {sorted(model['trainable'])} differ from the "
@@ -406,6 +409,9 @@ def _open_orbax(ref: SourceRef, *, ema: bool) -> Source:
             return np.dtype(np.int64), ()
         return np.dtype(np.uint8), (0,)  # _extra_state
 
+    def accum(key: str, weights: str):  # net.* <- the trained network's bookkeeping, net_ema.* <- the EMA's
+        return stats.get("net_ema" if weights == "ema" else "net", {}).get(key, 0)
+
     def produce(key: str, weights: str, float_dtype) -> np.ndarray:
         if key in by_key:
             e = by_key[key]
@@ -415,9 +421,9 @@ def _open_orbax(ref: SourceRef, *, ema: bool) -> Source:
         if key.startswith("pos_embedder_options."):
             return cast(rope[key.rsplit(".", 1)[1]], float_dtype)
         if key == "accum_train_in_hours":
-            return cast(np.zeros((), np.float32), float_dtype)
+            return cast(np.asarray(accum(key, weights), np.float32), float_dtype)
         if key in keymap.ACCUM_KEYS:
-            return np.zeros((), np.int64)
+            return np.asarray(accum(key, weights), np.int64)
         return np.zeros((0,), np.uint8)
 
     passes = [(NET, "trainable", weight_dtype)] + ([(NET_EMA, "ema", np.float32)] if ema else [])
