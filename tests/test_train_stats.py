@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import transfer2_auto_multiview as cfg_file
+from cosmos_jax import build
 from cosmos_jax.training import checkpoint as ckpt_lib
 from cosmos_jax.training import train_stats, trainer
 from cosmos_jax.weights import export, torch_io
@@ -65,10 +66,8 @@ def test_a_run_continues_the_bookkeeping_of_its_weights_into_checkpoint_and_expo
         assert int(np.asarray(sd[f"{prefix}accum_iteration"])) == 10
         assert int(np.asarray(sd[f"{prefix}accum_image_sample_counter"])) == 0
         assert float(np.asarray(sd[f"{prefix}accum_train_in_hours"], np.float32)) == 0.125
-    # a second run from this checkpoint's weights continues from its trained network's counter
-    config2 = cfg_file.get_config("tiny")
-    config2.job.output_root = str(tmp_path)
-    config2.job.name = "stats2"
-    config2.model.weights = str(ckpts)
-    config2.trainer.max_iter = 1
-    assert trainer.train(config2)["stats"]["net"]["accum_video_sample_counter"] == 86 + 1
+    # a run started from this checkpoint's weights (model.weights=<checkpoints>) starts from its networks' counters
+    cfg = build.dit_config_from(config.model)
+    for ema, video in ((False, 86), (True, 80)):
+        extras = build.load_network_params(ckpts, cfg, ema=ema)[1]["extras"]
+        assert train_stats.initial(extras)["net"]["accum_video_sample_counter"] == video
