@@ -83,6 +83,10 @@ def _cudnn_fp8_forward(q, k, v, scale):
             jnp.max(amax_p).astype(jnp.float32))
 
 
+def _cudnn_fp8_forward_out_lse(q, k, v, scale):  # the fp8 backend's forward: its backward needs no aux
+    return _cudnn_fp8_forward(q, k, v, scale)[:2]
+
+
 def _fp8_backward(do, q, k, v, o, lse, scale):
     flash.fa3_kernels()  # registers the wheel's FFI targets; a clear error where it is not installed
     return flash.fa3_backward(do, q, k, v, o, lse, scale)
@@ -90,7 +94,7 @@ def _fp8_backward(do, q, k, v, o, lse, scale):
 
 def fp8_kernels() -> Kernels:
     """The fp8 backend's kernel pair: cuDNN fp8 forward, FA3 bf16 backward from its statistics."""
-    return Kernels(fwd=lambda q, k, v, scale: _cudnn_fp8_forward(q, k, v, scale)[:2], bwd=_fp8_backward)
+    return Kernels(fwd=_cudnn_fp8_forward_out_lse, bwd=_fp8_backward)  # module functions: equal on every call
 
 
 # fp8 backward (cuDNN): the fp8_full backend
@@ -266,8 +270,11 @@ def fp8_emulation_kernels() -> Kernels:
     """The fp8 backend's arithmetic in plain XLA (any device): the emulated fp8 forward (`_fp8_emulation_forward`)
     and the exact backward. CPU tests check the scaling against it; it does not model the kernel's own rounding of
     the probabilities."""
-    return Kernels(fwd=lambda q, k, v, scale: _fp8_emulation_forward(q, k, v, scale)[:2],
-                   bwd=flash.xla_kernels().bwd)
+    return Kernels(fwd=_fp8_emulation_forward_out_lse, bwd=flash.xla_kernels().bwd)
+
+
+def _fp8_emulation_forward_out_lse(q, k, v, scale):
+    return _fp8_emulation_forward(q, k, v, scale)[:2]
 
 
 def fp8_full_emulation_kernels() -> Kernels:
