@@ -59,18 +59,21 @@ def init_params(cfg: DiTConfig, mesh, *, seed: int = 0, weights: str = ""):
     """
     if weights:
         return place_params(load_network_params(weights, cfg)[0], cfg, mesh)
-    abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(seed)))
-    shardings = mesh_lib.param_shardings(abstract_boxed, mesh)
-    init = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(seed))), out_shardings=shardings)
+    init = jax.jit(lambda: nn.unbox(dit_lib.init_boxed_params(cfg, jax.random.key(seed))),
+                   out_shardings=_param_shardings(cfg, mesh))
     return init()
+
+
+def _param_shardings(cfg: DiTConfig, mesh):
+    abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(0)))
+    return mesh_lib.param_shardings(abstract_boxed, mesh)
 
 
 def place_params(numpy_params, cfg: DiTConfig, mesh):
     """Host parameters (the full Flax tree, e.g. from `load_network_params`) as `cfg.param_dtype` arrays sharded
     on `mesh` by the logical rules."""
-    abstract_boxed = jax.eval_shape(lambda: dit_lib.init_boxed_params(cfg, jax.random.key(0)))
-    shardings = mesh_lib.param_shardings(abstract_boxed, mesh)
-    return jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params, shardings)
+    return jax.tree.map(lambda a, s: jax.device_put(a.astype(cfg.param_dtype), s), numpy_params,
+                        _param_shardings(cfg, mesh))
 
 
 # Reference `freeze_base_model` (transfer2 model L568-637): everything of `net` is frozen except these modules.

@@ -434,8 +434,9 @@ def read_stats(step_dir: str | os.PathLike) -> dict | None:
     d = pathlib.Path(step_dir) / "stats"
     if not d.is_dir():
         return None
+    ocp = _ocp()
     try:
-        raw = _ocp().Checkpointer(_ocp().JsonCheckpointHandler()).restore(d, args=_ocp().args.JsonRestore())
+        raw = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(d, args=ocp.args.JsonRestore())
         return train_stats.validate(raw, str(d))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"reading {d} failed: {type(e).__name__}: {e}") from e

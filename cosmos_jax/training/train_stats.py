@@ -5,10 +5,10 @@ buffers of each network, `accum_video_sample_counter`, `accum_image_sample_count
 What the reference's post-training does with them: the buffers come in with the weights it starts from (its base
 checkpoint), and each training step adds the global batch (per-GPU batch x data-parallel size) to the trained
 network's `accum_video_sample_counter` (`_update_train_stats`, text2world_model_rectified_flow.py L431-438, called
-first thing in `training_step_multiview`, multiview_vid2vid_model_rectified_flow.py L606); nothing else touches them, and the EMA network, whose update reads
-parameters only (`FastEmaModelUpdater`), keeps the values it started with. So do we: `Stats` holds the two
-networks' values as host integers / floats, saved with every checkpoint as the JSON item `stats/`, and written into
-the exports' `accum_*` keys.
+first thing in `training_step_multiview`, multiview_vid2vid_model_rectified_flow.py L606); nothing else touches
+them, and the EMA network, whose update reads parameters only (`FastEmaModelUpdater`), keeps the values it started
+with. So do we: a plain dict {"net": {key: value}, "net_ema": {key: value}} of host integers / floats, saved with
+every checkpoint as the JSON item `stats/` and written into the exports' `accum_*` keys.
 """
 
 from __future__ import annotations
