@@ -3,6 +3,7 @@ weights, data and seeds, for N steps with each attention backend; a second bf16 
 
     python bench/fp8_loss_curve.py                       # fa3 seed 0, fp8 seed 0, fa3 seed 1; 300 steps
     python bench/fp8_loss_curve.py --steps 50 --variant tiny --runs xla:0,xla:1   # CPU smoke run
+    python bench/fp8_loss_curve.py --compare a.jsonl,b.jsonl   # the table from runs saved by separate invocations
 
 Data: a fixed pool of 8 synthetic samples, cycled in the same order in every run: smooth latents (noise at 1/4
 resolution, upsampled) and control latents that are a fixed function of them (so the control branch has something
@@ -110,8 +111,14 @@ def compare(rows):
 def parent(args) -> None:
     from bench.common import run_isolated
 
-    out = os.path.join(args.out, "fp8_loss_curve.jsonl")
     rows = []
+    if args.compare:  # rows saved by earlier invocations (e.g. one device call per run)
+        for path in args.compare.split(","):
+            with open(path) as f:
+                rows += [r for r in map(json.loads, filter(str.strip, f)) if "run" in r]
+        report(rows, args.steps)
+        return
+    out = os.path.join(args.out, "fp8_loss_curve.jsonl")
     for run in args.runs.split(","):
         argv = ["--child", "--run", run, "--steps", str(args.steps), "--views", str(args.views),
                 "--height", str(args.height), "--width", str(args.width), "--lr", str(args.lr),
@@ -119,6 +126,10 @@ def parent(args) -> None:
         for r in run_isolated(__file__, argv, run, out):
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+    report(rows, args.steps)
+
+
+def report(rows, steps: int) -> None:
     table, noise = compare(rows)
     if not table:
         return
@@ -126,7 +137,7 @@ def parent(args) -> None:
     print(f"\nmean loss per {WINDOW}-step window")
     print(f"{'steps':>9} " + " ".join(f"{r:>10}" for r in runs))
     for i in range(len(table[runs[0]][0])):
-        print(f"{i * WINDOW:>4}-{min((i + 1) * WINDOW, args.steps) - 1:<4} " +
+        print(f"{i * WINDOW:>4}-{min((i + 1) * WINDOW, steps) - 1:<4} " +
               " ".join(f"{table[r][0][i]:>10.4f}" for r in runs))
     print(f"\nlargest window difference from {runs[0]}: " +
           ", ".join(f"{r} {table[r][1]:.4f}" for r in runs[1:]) +
@@ -147,6 +158,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--variant", default="post_train_example", help="tiny: a CPU smoke run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--compare", default="", help="comma list of fp8_loss_curve.jsonl files: print the comparison "
+                    "of the runs saved there (in file order; the first is the baseline) instead of running")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
