@@ -99,3 +99,22 @@ def test_loss_curve_pool_is_the_same_in_every_run_and_shaped_like_the_batch():
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
     assert not np.array_equal(a[0]["x0"], a[1]["x0"])
+
+
+def test_loss_curve_compare_reads_runs_saved_by_separate_invocations(tmp_path, capsys, monkeypatch):
+    """--compare: rows of several fp8_loss_curve.jsonl files (one device call per run) in file order, the device
+    header rows skipped, the first run the baseline."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"device": "NVIDIA H200"}) + "\n" +
+                 json.dumps({"run": "fa3:0", "losses": [2.0] * 25 + [1.0] * 25, "step_s": 0.2,
+                             "nonfinite_steps": 0}) + "\n")
+    b.write_text(json.dumps({"run": "fp8_full:0", "losses": [2.0] * 25 + [1.3] * 25, "step_s": 0.3,
+                             "nonfinite_steps": 0}) + "\n\n" +
+                 json.dumps({"run": "fa3:1", "losses": [2.1] * 25 + [1.0] * 25, "step_s": 0.2,
+                             "nonfinite_steps": 0}) + "\n")
+    monkeypatch.setattr("sys.argv", ["fp8_loss_curve.py", "--compare", f"{a},{b}", "--steps", "50"])
+    fp8_loss_curve.main()
+    out = capsys.readouterr().out
+    assert "largest window difference from fa3:0: fp8_full:0 0.3000, fa3:1 0.1000" in out
+    assert "run-to-run noise (same backend, other seed) 0.1000" in out
+    assert "25-49" in out and "fp8_full:0: 0.300 s/step" in out
