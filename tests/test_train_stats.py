@@ -5,6 +5,7 @@ checkpoint and written into the exports - from a DCP checkpoint of the reference
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def test_malformed_stats_name_the_field(bad, field):
         train_stats.validate(bad, "ckpt/stats")
 
 
-def test_a_run_continues_the_bookkeeping_of_its_weights_into_checkpoint_and_export(tmp_path, dit_parity):
+def test_a_run_continues_the_bookkeeping_of_its_weights_into_checkpoint_and_export(tmp_path, dit_parity, capsys):
     dcp = dit_parity / "dcp" / "checkpoints"
     config = cfg_file.get_config("tiny")
     config.job.output_root = str(tmp_path)
@@ -71,3 +72,21 @@ def test_a_run_continues_the_bookkeeping_of_its_weights_into_checkpoint_and_expo
     for ema, video in ((False, 86), (True, 80)):
         extras = build.load_network_params(ckpts, cfg, ema=ema)[1]["extras"]
         assert train_stats.initial(extras)["net"]["accum_video_sample_counter"] == video
+    # a checkpoint without stats/ (written before the bookkeeping was kept: not in Orbax's item list either) exports
+    # zeros and says so
+    step3 = ckpts / "iter_000000003"
+    shutil.rmtree(step3 / "stats")
+    meta = json.loads((step3 / ckpt_lib.STEP_METADATA).read_text())
+    del meta["item_handlers"]["stats"]
+    (step3 / ckpt_lib.STEP_METADATA).write_text(json.dumps(meta))
+    assert ckpt_lib.damage(step3) is None
+    export.export(ckpts, tmp_path / "export_old", progress=False, ema=False)
+    assert "has no stats/ item" in capsys.readouterr().err
+    old = torch_io.load_state_dict(tmp_path / "export_old" / export.MODEL_PT)
+    assert int(np.asarray(old["net.accum_video_sample_counter"])) == 0
+    assert int(np.asarray(old["net.accum_iteration"])) == 0
+    # and a run resumed from it counts as if from zero (its 3 steps of 2 samples, then one more), saying so
+    config.trainer.max_iter = 4
+    resumed = trainer.train(config)
+    assert "has no stats/ item" in capsys.readouterr().out
+    assert resumed["stats"]["net"]["accum_video_sample_counter"] == 4 * 2

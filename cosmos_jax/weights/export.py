@@ -369,7 +369,11 @@ def _open_orbax(ref: SourceRef, *, ema: bool) -> Source:
     if ema and "ema" not in model:
         raise ExportError(f"{step_dir}: holds no EMA weights (the run had ema.enabled=False); export with --no-ema")
     names = build.trainable_names(cfg)
-    stats = ckpt_lib.read_stats(step_dir) or {}  # {} -> zeros: a checkpoint from before the bookkeeping was kept
+    stats = ckpt_lib.read_stats(step_dir)
+    if stats is None:  # a checkpoint from before the bookkeeping was kept: said, not silent
+        print(f"note: {step_dir} has no stats/ item (written before the accum_* bookkeeping was kept): the export's "
+              "accum_* buffers are 0", file=sys.stderr)
+        stats = {}
     check_tree(build.merge_params(model["trainable"], model["frozen"]), param_shapes(cfg), str(step_dir))
     if set(model["trainable"]) != set(names):
         raise keymap.WeightsError(f"{step_dir}: trainable weights {sorted(model['trainable'])} differ from the "
