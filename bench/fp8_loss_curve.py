@@ -116,7 +116,7 @@ def parent(args) -> None:
         for path in args.compare.split(","):
             with open(path) as f:
                 rows += [r for r in map(json.loads, filter(str.strip, f)) if "run" in r]
-        report(rows, args.steps)
+        report(rows)
         return
     out = os.path.join(args.out, "fp8_loss_curve.jsonl")
     for run in args.runs.split(","):
@@ -126,13 +126,14 @@ def parent(args) -> None:
         for r in run_isolated(__file__, argv, run, out):
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
-    report(rows, args.steps)
+    report(rows)
 
 
-def report(rows, steps: int) -> None:
+def report(rows) -> None:
     table, noise = compare(rows)
     if not table:
         return
+    steps = len(next(r for r in rows if "losses" in r)["losses"])  # the baseline's
     runs = list(table)
     print(f"\nmean loss per {WINDOW}-step window")
     print(f"{'steps':>9} " + " ".join(f"{r:>10}" for r in runs))

@@ -112,7 +112,7 @@ def test_loss_curve_compare_reads_runs_saved_by_separate_invocations(tmp_path, c
                              "nonfinite_steps": 0}) + "\n\n" +
                  json.dumps({"run": "fa3:1", "losses": [2.1] * 25 + [1.0] * 25, "step_s": 0.2,
                              "nonfinite_steps": 0}) + "\n")
-    monkeypatch.setattr("sys.argv", ["fp8_loss_curve.py", "--compare", f"{a},{b}", "--steps", "50"])
+    monkeypatch.setattr("sys.argv", ["fp8_loss_curve.py", "--compare", f"{a},{b}"])
     fp8_loss_curve.main()
     out = capsys.readouterr().out
     assert "largest window difference from fa3:0: fp8_full:0 0.3000, fa3:1 0.1000" in out
