@@ -442,6 +442,11 @@ def read_stats(step_dir: str | os.PathLike) -> dict | None:
         raise CheckpointError(f"reading {d} failed: {type(e).__name__}: {e}") from e
 
 
+def no_stats_note(step_dir: str | os.PathLike) -> str:
+    """The line saying a step has no stats/ (read_stats gave None); callers add what they do instead."""
+    return f"note: {step_dir} has no stats/ item (written before the accum_* bookkeeping was kept)"
+
+
 def read_model(path: str | os.PathLike, step: int | None = None) -> tuple[dict, dict, int]:
     """(model, config, step) of a checkpoint, as numpy on the host: no mesh, no train config, one copy of the weights.
 

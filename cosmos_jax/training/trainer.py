@@ -311,8 +311,8 @@ def train(config, *, stop_after: int | None = None) -> dict:
             if stats is None:  # a checkpoint from before the bookkeeping was kept: as if counted from zero
                 stats = train_stats.after_steps(train_stats.initial(), start, config.data.batch_size)
                 if is_main:
-                    print(f"note: {checkpointer.step_dir(start)} has no stats/ item (written before the accum_* "
-                          f"bookkeeping was kept): counting from 0 at step 0 with batch {config.data.batch_size}")
+                    print(f"{ckpt_lib.no_stats_note(checkpointer.step_dir(start))}: counted as from 0 at step 0 "
+                          f"with batch {config.data.batch_size}")
             if is_main:
                 print(f"resumed from {ckpt_dir} step {start}")
         else:

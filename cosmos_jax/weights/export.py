@@ -371,8 +371,7 @@ def _open_orbax(ref: SourceRef, *, ema: bool) -> Source:
     names = build.trainable_names(cfg)
     stats = ckpt_lib.read_stats(step_dir)
     if stats is None:  # a checkpoint from before the bookkeeping was kept: said, not silent
-        print(f"note: {step_dir} has no stats/ item (written before the accum_* bookkeeping was kept): the export's "
-              "accum_* buffers are 0", file=sys.stderr)
+        print(f"{ckpt_lib.no_stats_note(step_dir)}: the export's accum_* buffers are 0", file=sys.stderr)
         stats = {}
     check_tree(build.merge_params(model["trainable"], model["frozen"]), param_shapes(cfg), str(step_dir))
     if set(model["trainable"]) != set(names):
